@@ -1,0 +1,80 @@
+"""A short training run and the ONNX export, so the training code stays alive (the full recipe is not run in CI)."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from tools import export_onnx, train_detector
+from tools.deeppcb import DEFAULT_ROOT
+from tools.detector_net import PcbDefectDetector, grid_centers
+
+pytestmark = pytest.mark.skipif(not (DEFAULT_ROOT / "trainval.txt").exists(), reason="DeepPCB data not present")
+
+
+def test_short_training_resumes_and_exports(tmp_path, monkeypatch):
+    args = ["--data", str(DEFAULT_ROOT), "--out", str(tmp_path), "--batch", "2", "--steps-per-epoch", "2",
+            "--epochs", "3", "--limit", "8", "--crop", "160", "--val-every", "1"]
+    draw_batch = train_detector.CropSampler.batch
+    calls = iter(range(5))
+
+    def interrupted_in_third_epoch(self, size):
+        if next(calls) == 4:
+            raise KeyboardInterrupt
+        return draw_batch(self, size)
+
+    monkeypatch.setattr(train_detector.CropSampler, "batch", interrupted_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_detector.train(train_detector.parse_args(args))
+    monkeypatch.setattr(train_detector.CropSampler, "batch", draw_batch)
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 2
+    weights = train_detector.train(train_detector.parse_args(args + ["--resume"]))
+    history = torch.load(weights, weights_only=False)["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"]) for h in history)
+
+    onnx_path = tmp_path / "model.onnx"
+    export_onnx.main(["--weights", str(weights), "--out", str(onnx_path), "--check-images", "2"])
+    graph = onnx.load(str(onnx_path))
+    assert graph.opset_import[0].version >= 17
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (images,), (output,) = session.get_inputs(), session.get_outputs()
+    assert (images.name, images.shape[1:]) == ("images", [1, 640, 640])
+    assert isinstance(images.shape[0], str), "batch must be dynamic"
+    result = session.run(None, {"images": np.zeros((3, 1, 640, 640), np.float32)})[0]
+    assert result.shape == (3, 10, 80 * 80)
+    assert output.name == "output0"
+    scores = result[:, 4:]
+    assert ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_assignment_prefers_smallest_box_and_centre_region():
+    centers = grid_centers(64, 64)  # 8x8 cells of 8 px
+    boxes = torch.tensor([[0.0, 0.0, 64.0, 64.0], [16.0, 16.0, 40.0, 40.0]])
+    matched = train_detector.assign(centers, boxes)
+    cell = lambda x, y: (y // 8) * 8 + (x // 8)  # noqa: E731
+    assert matched[cell(28, 28)] == 1  # inside both: the smaller box wins
+    assert matched[cell(4, 4)] == -1  # inside the large box but far from its centre
+    assert matched[cell(36, 36)] == 1
+    assert (train_detector.assign(centers, torch.zeros((0, 4))) == -1).all()
+
+
+def test_flip_rotate_keeps_boxes_on_the_same_pixels():
+    rng = np.random.default_rng(3)
+    image = np.zeros((64, 64), np.uint8)
+    image[10:20, 30:50] = 255
+    boxes = np.array([[30, 10, 50, 20]], np.float32)
+    for _ in range(16):
+        out, out_boxes = train_detector.flip_rotate(image, boxes, rng)
+        x1, y1, x2, y2 = out_boxes[0].astype(int)
+        assert out[y1:y2, x1:x2].min() == 255 and out.sum() == image.sum()
+
+
+def test_exported_boxes_are_centre_size_in_pixels():
+    model = PcbDefectDetector().eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 1, 64, 64))
+        distances, _ = model.raw_outputs(torch.rand(1, 1, 64, 64))
+    assert out.shape == (1, 10, 64)
+    assert (out[0, 2] > 0).all() and (out[0, 3] > 0).all()
+    assert (distances >= 0).all()
