@@ -1,0 +1,142 @@
+"""Turning one encoded image into the detector's input tensor.
+
+Decoding runs on the CPU (Pillow reads the header, OpenCV decodes the pixels). Letterboxing (resize, pad,
+scale to [0, 1]) is array code written once for NumPy and CuPy: every function taking ``xp`` runs unchanged
+on either.
+
+Geometry convention: a point at ``x`` in original pixels lands at ``x * scale + pad_x`` in the detector
+input (continuous coordinates, pixel edges at integers), so ``x = (x_in - pad_x) / scale`` maps it back.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import cv2
+import numpy as np
+from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
+
+# Pillow's format classes read only the header when constructed: the declared size is known before any
+# pixel is decoded. (PIL.Image.open would add Pillow's own fixed bomb limit on top of the configured one.)
+_HEADER_READERS = (
+    ("JPEG", JpegImagePlugin.JpegImageFile),
+    ("PNG", PngImagePlugin.PngImageFile),
+    ("BMP", BmpImagePlugin.BmpImageFile),
+    ("TIFF", TiffImagePlugin.TiffImageFile),
+)
+SUPPORTED_CHANNELS = (1, 3)
+
+
+class ImageRejected(ValueError):
+    """The encoded bytes cannot be turned into a detector input; the message says why."""
+
+
+def read_declared_size(encoded: bytes) -> tuple[str, int, int]:
+    """Return (format name, width, height) as the image header declares them, without decoding pixels."""
+    for format_name, reader in _HEADER_READERS:
+        try:
+            # Pillow warns about damaged metadata; the rejection below (or the decode) says what matters.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with reader(io.BytesIO(encoded)) as header:
+                    width, height = header.size
+        except (SyntaxError, OSError, ValueError):
+            continue
+        return format_name, width, height
+    raise ImageRejected(
+        f"not a JPEG, PNG, BMP or TIFF image, or its header is cut short "
+        f"({len(encoded)} bytes starting with {encoded[:8].hex(' ')})"
+    )
+
+
+def decode_image(encoded: bytes, channels: int, max_pixels: int) -> np.ndarray:
+    """Decode to an (H, W, channels) uint8 array: grayscale for 1 channel, RGB for 3.
+
+    Raises ImageRejected for empty data, data that is not a JPEG/PNG/BMP/TIFF image, an image whose
+    header declares more than ``max_pixels`` pixels (checked before decoding), and data that does not
+    decode completely (OpenCV 4.11 fails on every truncation point of a JPEG, PNG or BMP; tests pin this).
+    """
+    if channels not in SUPPORTED_CHANNELS:
+        raise ValueError(f"channels must be one of {SUPPORTED_CHANNELS}, got {channels}")
+    if len(encoded) == 0:
+        raise ImageRejected("empty image data (0 bytes)")
+    format_name, width, height = read_declared_size(encoded)
+    if width * height > max_pixels:
+        raise ImageRejected(
+            f"{format_name} header declares {width}x{height} = {width * height} pixels, "
+            f"over the limit of {max_pixels} pixels"
+        )
+    flags = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
+    try:
+        image = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags)
+    except cv2.error as exc:  # e.g. OpenCV's own OPENCV_IO_MAX_IMAGE_PIXELS check
+        reason = str(exc).strip().splitlines()[-1]
+        raise ImageRejected(f"{format_name} image ({width}x{height}) could not be decoded: {reason}") from exc
+    if image is None:
+        raise ImageRejected(
+            f"{format_name} image ({width}x{height}, {len(encoded)} bytes) could not be decoded: "
+            "the data is truncated or corrupt"
+        )
+    if channels == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image.reshape(image.shape[0], image.shape[1], channels)
+
+
+def letterbox_geometry(height: int, width: int, input_height: int, input_width: int) -> tuple[float, int, int, int, int]:
+    """Fit a height x width image into the input keeping its aspect ratio.
+
+    Returns (scale, pad_x, pad_y, resized_width, resized_height): the image is resized by ``scale`` in
+    both directions to resized_width x resized_height pixels and placed at (pad_x, pad_y).
+    """
+    scale = min(input_height / height, input_width / width)
+    resized_width = min(input_width, max(1, round(width * scale)))
+    resized_height = min(input_height, max(1, round(height * scale)))
+    return scale, (input_width - resized_width) // 2, (input_height - resized_height) // 2, resized_width, resized_height
+
+
+def _bilinear_taps(out_size: int, scale: float, in_size: int, xp):
+    """Source indices and weights for half-pixel bilinear sampling, clamped at the borders as OpenCV does."""
+    source = (xp.arange(out_size, dtype=xp.float64) + 0.5) / scale - 0.5
+    source = xp.clip(source, 0, in_size - 1)
+    lower = xp.floor(source).astype(xp.int64)
+    upper = xp.minimum(lower + 1, in_size - 1)
+    return lower, upper, (source - lower).astype(xp.float32)
+
+
+def resize_bilinear(image, scale: float, out_height: int, out_width: int, xp):
+    """Resize an (H, W, C) array by ``scale`` to (out_height, out_width, C) float32.
+
+    Same sampling as ``cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)``
+    (half-pixel centres, replicated borders), computed in float32 without OpenCV's fixed-point rounding.
+    """
+    row_lo, row_hi, row_weight = _bilinear_taps(out_height, scale, image.shape[0], xp)
+    col_lo, col_hi, col_weight = _bilinear_taps(out_width, scale, image.shape[1], xp)
+    # Gather the needed rows before converting to float so a large image is never copied whole.
+    top = image[row_lo].astype(xp.float32)
+    rows = top + (image[row_hi].astype(xp.float32) - top) * row_weight[:, None, None]
+    left = rows[:, col_lo]
+    return left + (rows[:, col_hi] - left) * col_weight[None, :, None]
+
+
+def letterbox(image, input_height: int, input_width: int, pad_value: float, xp):
+    """Letterbox an (H, W, C) uint8 array into the detector input.
+
+    Returns (tensor, geometry): tensor is (C, input_height, input_width) float32 in [0, 1] with the
+    border filled with ``pad_value / 255``; geometry is float32 (scale, pad_x, pad_y, orig_width, orig_height).
+    """
+    height, width, channels = image.shape
+    scale, pad_x, pad_y, resized_width, resized_height = letterbox_geometry(height, width, input_height, input_width)
+    canvas = xp.full((input_height, input_width, channels), pad_value, dtype=xp.float32)
+    canvas[pad_y : pad_y + resized_height, pad_x : pad_x + resized_width] = resize_bilinear(
+        image, scale, resized_height, resized_width, xp
+    )
+    tensor = xp.ascontiguousarray(canvas.transpose(2, 0, 1) / 255)
+    geometry = xp.asarray([scale, pad_x, pad_y, width, height], dtype=xp.float32)
+    return tensor, geometry
+
+
+def preprocess_image(encoded: bytes, input_height: int, input_width: int, channels: int, pad_value: float,
+                     max_pixels: int, xp=np):
+    """Decode on the CPU, move the pixels to ``xp``'s device and letterbox them there (see ``letterbox``)."""
+    image = decode_image(encoded, channels, max_pixels)
+    return letterbox(xp.asarray(image), input_height, input_width, pad_value, xp)

@@ -1,0 +1,64 @@
+"""Triton glue for preprocess: encoded IMAGE bytes -> letterboxed `images` and `LETTERBOX` geometry.
+
+The input size and channel count come from the `images` output dims; `pad_value` and `max_image_pixels`
+from the config parameters. The array code is image_ops.py beside this file.
+"""
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
+        self.pad_value = float(parameters["pad_value"])
+        self.max_image_pixels = int(parameters["max_image_pixels"])
+        channels, height, width = pb_utils.get_output_config_by_name(config, "images")["dims"]
+        self.channels, self.input_height, self.input_width = int(channels), int(height), int(width)
+
+        # OpenCV reads its decoder pixel limit once, at its first import: set it from the config before that.
+        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(self.max_image_pixels)
+        import image_ops
+
+        self.image_ops = image_ops
+        self.xp = np
+        if args["model_instance_kind"] == "GPU":  # GPU only (CuPy); not run on the CPU-only dev machines
+            import cupy
+
+            cupy.cuda.Device(int(args["model_instance_device_id"])).use()
+            self.xp = cupy
+
+    def execute(self, requests):
+        return [self._respond(request) for request in requests]
+
+    def _respond(self, request):
+        encoded_images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
+        tensors, geometries = [], []
+        for index, encoded in enumerate(encoded_images):
+            try:
+                tensor, geometry = self.image_ops.preprocess_image(
+                    encoded, self.input_height, self.input_width, self.channels, self.pad_value,
+                    self.max_image_pixels, self.xp,
+                )
+            except self.image_ops.ImageRejected as exc:
+                return pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"IMAGE[{index}]: {exc}", pb_utils.TritonError.INVALID_ARG)
+                )
+            tensors.append(tensor)
+            geometries.append(geometry)
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                self._output("images", self.xp.stack(tensors)),
+                self._output("LETTERBOX", self.xp.stack(geometries)),
+            ]
+        )
+
+    def _output(self, name, array):
+        if self.xp is np:
+            # Not from_dlpack: the backend renames the consumed capsule "used_dlpack", which NumPy's capsule
+            # destructor rejects, and the stub stops answering (seen with Triton 2.51).
+            return pb_utils.Tensor(name, array)
+        return pb_utils.Tensor.from_dlpack(name, array)  # GPU only: hands the CuPy array over without a copy
