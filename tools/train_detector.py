@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from tools.deeppcb import DEFAULT_ROOT, Sample, read_split, split_train_val
@@ -156,6 +156,16 @@ def validation_loss(model, samples: list[Sample], batch: int = 8) -> float:
     return total / max(len(samples), 1)
 
 
+def ramped_ema(decay: float, ramp_steps: float = 300.0):
+    """EMA update whose decay ramps up from 0, so the average is not dragged towards the random initial weights."""
+
+    def update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        d = decay * (1 - torch.exp(-num_averaged.float() / ramp_steps))
+        return d * averaged + (1 - d) * current
+
+    return update
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -175,7 +185,7 @@ def train(args: argparse.Namespace) -> Path:
     sampler = CropSampler(train_samples, args.crop, args.template_fraction, args.seed)
 
     model = PcbDefectDetector()
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
+    ema = AveragedModel(model, avg_fn=ramped_ema(args.ema_decay), use_buffers=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total_steps = args.epochs * args.steps_per_epoch
     warmup = min(0.5, max(0.1, 2.0 / total_steps))  # OneCycleLR needs at least two warm-up steps
@@ -243,7 +253,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", default=str(DEFAULT_ROOT), help="DeepPCB-format folder")
     parser.add_argument("--list", default="trainval.txt", help="list file inside --data")
     parser.add_argument("--out", default="runs/detector", help="checkpoints and final weights go here")
-    parser.add_argument("--epochs", type=int, default=36)
+    parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--steps-per-epoch", type=int, default=60)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--crop", type=int, default=320, help="square training crop, a multiple of 32")
