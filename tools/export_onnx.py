@@ -48,6 +48,12 @@ def export(model: PcbDefectDetector, out: Path) -> None:
             dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}},
         )
         graph = onnx.load(str(raw))
+    # The exporter leaves the output's channel and anchor dims symbolic; declare them so Triton configs and
+    # TensorRT see the fixed [batch, 4 + C, N] shape (the full check below verifies it against inference).
+    anchors = (INPUT_SIZE // STRIDE) ** 2
+    for dim, value in zip(graph.graph.output[0].type.tensor_type.shape.dim[1:], (4 + model.num_classes, anchors)):
+        dim.Clear()
+        dim.dim_value = value
     # Ultralytics-style metadata, so tools that know that convention read the classes and geometry.
     metadata = {
         "names": json.dumps(dict(enumerate(CLASS_NAMES))),
