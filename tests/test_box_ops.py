@@ -196,7 +196,7 @@ def test_served_defaults_fill_in_unset_arguments():
     geometry = np.array([[1, 0, 0, 640, 640]], np.float32)
     num, boxes, _, _ = postprocess_batch(pred[None], geometry)
     assert num[0, 0] == 2 and boxes.shape == (1, settings.max_detections, 4)
-    num, _, _, _ = postprocess_batch(pred[None], geometry, score_threshold=0.5)
+    num, _, _, _ = postprocess_batch(pred[None], geometry, score_threshold=settings.score_threshold + 0.02)
     assert num[0, 0] == 1
 
 

@@ -32,7 +32,7 @@ CHECK_BOARDS = 16
 
 
 @pytest.fixture(scope="module")
-def boards():
+def boards(deeppcb_root):
     # The tool's default calibration set, so the fixture's conversion must reproduce the committed file.
     boards = held_out_boards()
     calibration_end = DEFAULT_CALIBRATION_BOARDS

@@ -6,14 +6,10 @@ import pytest
 import torch
 
 from tools import export_onnx, train_detector
-from tools.deeppcb import DEFAULT_ROOT
 from tools.detector_net import PcbDefectDetector, grid_centers
 
-pytestmark = pytest.mark.skipif(not (DEFAULT_ROOT / "trainval.txt").exists(), reason="DeepPCB data not present")
-
-
-def test_short_training_resumes_and_exports(tmp_path, monkeypatch):
-    args = ["--data", str(DEFAULT_ROOT), "--out", str(tmp_path), "--batch", "2", "--steps-per-epoch", "2",
+def test_short_training_resumes_and_exports(tmp_path, monkeypatch, deeppcb_root):
+    args = ["--data", str(deeppcb_root), "--out", str(tmp_path), "--batch", "2", "--steps-per-epoch", "2",
             "--epochs", "3", "--limit", "8", "--crop", "160", "--val-every", "1"]
     draw_batch = train_detector.CropSampler.batch
     calls = iter(range(5))
@@ -34,7 +30,8 @@ def test_short_training_resumes_and_exports(tmp_path, monkeypatch):
     assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"]) for h in history)
 
     onnx_path = tmp_path / "model.onnx"
-    export_onnx.main(["--weights", str(weights), "--out", str(onnx_path), "--check-images", "2"])
+    export_onnx.main(["--weights", str(weights), "--out", str(onnx_path), "--data", str(deeppcb_root),
+                      "--check-images", "2"])
     graph = onnx.load(str(onnx_path))
     assert graph.opset_import[0].version >= 17
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -10,6 +10,7 @@ accepted too) with classes 1..6; in memory classes are 0-based.
 """
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,10 @@ from pathlib import Path
 import numpy as np
 
 CLASS_NAMES = ("open", "short", "mousebite", "spur", "copper", "pin-hole")
-DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "deeppcb"
+# The dataset sits beside the checkout (../shared/datasets/deeppcb); DEEPPCB_ROOT points elsewhere.
+DEFAULT_ROOT = Path(
+    os.environ.get("DEEPPCB_ROOT", Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "deeppcb")
+)
 
 
 @dataclass(frozen=True)

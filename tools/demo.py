@@ -1,0 +1,104 @@
+"""End-to-end demo: serve the models on CPU, find defects on sample boards, show and save the results.
+
+    python -m tools.demo [--images FOLDER] [--out out/demo] [--count 6] [--seed 0]
+
+Without ``--images`` it draws labelled synthetic boards with tools.synth_boards. It prints a table of the
+defects found per image and writes ``detections.json`` and annotated pictures (``annotated/``) to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tools.client import (
+    InferenceFailed,
+    PipelineClient,
+    detections_record,
+    detections_table,
+    find_images,
+    load_labels,
+    write_annotated,
+)
+from tools.deeppcb import Sample, read_split
+from tools.metrics import VOC_IOU_THRESHOLD, match_image
+from tools.triton_server import REPO_ROOT, TritonServer
+
+BOARD_LIST_FILE = "test.txt"
+
+
+def synthetic_boards(out: Path, count: int, seed: int) -> list[Sample]:
+    subprocess.run([sys.executable, "-m", "tools.synth_boards", "--out", str(out), "--count", str(count),
+                    "--seed", str(seed), "--list-file", BOARD_LIST_FILE], cwd=REPO_ROOT, check=True)
+    return read_split(out, BOARD_LIST_FILE)
+
+
+def labelled_defects_found(samples: list[Sample], results: list) -> tuple[int, int]:
+    """(labelled defects found, labelled defects): PASCAL VOC pairing, same class, IoU above 0.5."""
+    found = labelled = 0
+    for sample, detections in zip(samples, results):
+        if detections is not None:
+            found += int(match_image(sample, detections, "voc", VOC_IOU_THRESHOLD)[1].sum())
+            labelled += len(sample.boxes)
+    return found, labelled
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=Path, help="folder of your own board images (default: synthetic boards)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "demo")
+    parser.add_argument("--count", type=int, default=6, help="synthetic boards to generate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic boards")
+    parser.add_argument("--score-threshold", type=float, help="override the deployed score threshold")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
+    args = parser.parse_args(argv)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.images:
+        samples = None
+        paths = find_images([args.images])
+        if not paths:
+            parser.error(f"no JPEG, PNG, BMP or TIFF images in {args.images}")
+    else:
+        print(f"Generating {args.count} synthetic boards with labelled defects...", flush=True)
+        samples = synthetic_boards(args.out / "boards", args.count, args.seed)
+        paths = [sample.image_path for sample in samples]
+
+    labels = load_labels()
+    failures: dict[str, str] = {}
+    print("Starting the Triton server (CPU configs)...", flush=True)
+    with TritonServer.on_free_ports() as server:
+        print(f"Server ready (gRPC {server.grpc_url}); sending {len(paths)} images through pcb_pipeline", flush=True)
+        with PipelineClient(server.grpc_url) as client:
+            try:
+                results = client.infer_files(paths, score_threshold=args.score_threshold,
+                                             concurrency=args.concurrency)
+            except InferenceFailed as error:
+                results, failures = error.results, error.failures
+    print("Server stopped.\n")
+
+    print("Defects found per image:")
+    print(detections_table(paths, results, labels, failures))
+    found_total = sum(len(r.classes) for r in results if r is not None)
+    print(f"\n{found_total} defects found in {len(paths) - len(failures)} images.")
+    if samples is not None:
+        found, labelled = labelled_defects_found(samples, results)
+        print(f"The boards carry {labelled} labelled defects; {found} of them were found "
+              f"(same class, IoU > {VOC_IOU_THRESHOLD}).")
+
+    records = [detections_record(p, r, labels) if r is not None else {"file": str(p), "error": failures[str(p)]}
+               for p, r in zip(paths, results)]
+    json_path = args.out / "detections.json"
+    json_path.write_text(json.dumps(records, indent=2))
+    annotated = write_annotated(paths, results, labels, args.out / "annotated")
+    print(f"Detections: {json_path}\nAnnotated images ({len(annotated)}): {args.out / 'annotated'}")
+    if failures:
+        print(f"{len(failures)} images could not be processed (see the table).", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
