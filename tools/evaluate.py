@@ -347,11 +347,10 @@ def serving(url: str, start_server: bool, model_repository: Path = MODEL_REPOSIT
     if not start_server:
         yield url
         return
-    from tools.triton_server import TritonServer, free_ports
+    from tools.triton_server import TritonServer
 
-    http_port, grpc_port, metrics_port = free_ports(3)
     print(f"starting a local tritonserver on {model_repository} ...", flush=True)
-    with TritonServer(model_repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port) as server:
+    with TritonServer.on_free_ports(model_repository=model_repository) as server:
         yield server.grpc_url
 
 
