@@ -13,13 +13,13 @@ import json
 import tempfile
 from pathlib import Path
 
-import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 
-from tools.deeppcb import CLASS_NAMES, DEFAULT_ROOT, read_split
+from tools.board_batches import held_out_boards, load_boards
+from tools.deeppcb import CLASS_NAMES, DEFAULT_ROOT
 from tools.detector_net import STRIDE, PcbDefectDetector
 
 INPUT_SIZE = 640
@@ -68,12 +68,6 @@ def export(model: PcbDefectDetector, out: Path) -> None:
     onnx.save(graph, str(out))
 
 
-def board_batch(data: Path, count: int) -> np.ndarray:
-    samples = read_split(data)[:count]
-    images = [cv2.imread(str(s.image_path), cv2.IMREAD_GRAYSCALE) for s in samples]
-    return np.stack(images)[:, None].astype(np.float32) / 255.0
-
-
 def check_against_torch(model: PcbDefectDetector, onnx_path: Path, images: np.ndarray, atol: float = 1e-3) -> float:
     """Largest absolute difference between ONNX Runtime and PyTorch outputs; raises if above atol."""
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -90,12 +84,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default="runs/detector/detector.pt", type=Path)
     parser.add_argument("--out", default=DEFAULT_OUT, type=Path)
-    parser.add_argument("--data", default=DEFAULT_ROOT, type=Path, help="DeepPCB folder with boards for the check")
+    parser.add_argument("--data", default=DEFAULT_ROOT, type=Path, help="DeepPCB folder; held-out boards for the check")
     parser.add_argument("--check-images", type=int, default=4)
     args = parser.parse_args(argv)
     model = load_detector(args.weights)
     export(model, args.out)
-    worst = check_against_torch(model, args.out, board_batch(args.data, args.check_images))
+    boards, _ = load_boards(held_out_boards(args.data)[: args.check_images])
+    worst = check_against_torch(model, args.out, boards)
     size_mb = args.out.stat().st_size / 1e6
     print(f"wrote {args.out} ({size_mb:.2f} MB, opset {OPSET}); ONNX Runtime vs PyTorch max |diff| {worst:.2e}")
 
