@@ -2,6 +2,7 @@
 and the agreement functions (the same ones that judge the TensorRT engine) on hand-made cases."""
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,6 +14,7 @@ from tools.build_engine import (
     DEFAULT_ONNX,
     Gpu,
     MissingRequirement,
+    engine_loaders,
     onnx_input,
     profile_shapes,
     query_gpu,
@@ -56,6 +58,39 @@ def test_max_batch_size_is_read_with_protobuf_and_must_be_positive(tmp_path):
     config.write_text('name: "d"\nplatform: "tensorrt_plan"\n')
     with pytest.raises(ValueError, match="max_batch_size is 0"):
         read_max_batch_size(config)
+
+
+# ---- polygraphy loaders (made here with the pinned polygraphy; only calling them needs TensorRT) ----------
+
+
+def build_settings():
+    name, image_shape = onnx_input(DEFAULT_ONNX)
+    return name, profile_shapes(image_shape, read_max_batch_size(DEFAULT_CONFIG))
+
+
+def test_strongly_typed_loaders_carry_the_profile_cache_and_compatibility_options(tmp_path):
+    name, shapes = build_settings()
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"cached tactics")
+    level = object()  # stands in for trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    network, config = engine_loaders(DEFAULT_ONNX, name, shapes, True, cache, version_compatible=True,
+                                     hardware_compatibility_level=level)
+    assert network.strongly_typed and network.path == str(DEFAULT_ONNX)
+    profile = config.profiles[0][name]
+    assert (profile.min, profile.opt, profile.max) == (shapes.min, shapes.opt, shapes.max)
+    assert config.fp16 is False  # precision is the graph's own; TensorRT 11 has no FP16 flag
+    assert config.timing_cache_path == str(cache)
+    assert config.version_compatible is True and config.hardware_compatibility_level is level
+    assert "tensorrt" not in sys.modules
+
+
+def test_without_strong_typing_the_loaders_fall_back_to_the_fp16_flag(tmp_path):
+    name, shapes = build_settings()
+    network, config = engine_loaders(DEFAULT_ONNX, name, shapes, False, tmp_path / "absent.cache")
+    assert not network.strongly_typed
+    assert config.fp16 is True
+    assert config.timing_cache_path is None  # a first build starts without a cache and saves one
+    assert config.version_compatible is None and config.hardware_compatibility_level is None
 
 
 # ---- timing cache -----------------------------------------------------------------------------------------

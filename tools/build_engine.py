@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
 from tools.pipeline_math import read_model_config
 
@@ -142,6 +143,28 @@ def supports_strong_typing(trt) -> bool:
     return hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
 
 
+def engine_loaders(
+    onnx_path: Path,
+    input_name: str,
+    shapes: ProfileShapes,
+    strongly_typed: bool,
+    timing_cache: Path,
+    version_compatible: bool = False,
+    hardware_compatibility_level=None,
+):
+    """polygraphy's network and builder-config loaders. Making them needs no TensorRT: it only runs when
+    they are called, so the arguments are checked against the pinned polygraphy on any machine."""
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed or None)
+    config = CreateConfig(
+        profiles=[Profile().add(input_name, min=shapes.min, opt=shapes.opt, max=shapes.max)],
+        load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
+        version_compatible=version_compatible or None,
+        hardware_compatibility_level=hardware_compatibility_level,
+        fp16=None if strongly_typed else True,  # strongly typed: precision is the graph's own
+    )
+    return network, config
+
+
 def build(
     onnx_path: Path,
     engine_path: Path,
@@ -153,26 +176,17 @@ def build(
     """Build and write the engine; returns the timing cache used. GPU and TensorRT only."""
     trt = import_tensorrt()
     gpu = query_gpu(first_visible_device())
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
-
     input_name, image_shape = onnx_input(onnx_path)
     shapes = profile_shapes(image_shape, max_batch_size)
     strongly_typed = supports_strong_typing(trt)
-    if strongly_typed:
-        network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
-        precision = {}
-    else:
+    if not strongly_typed:
         print(f"TensorRT {trt.__version__} has no strongly typed networks: falling back to the FP16 builder flag")
-        network = NetworkFromOnnxPath(str(onnx_path))
-        precision = {"fp16": True}
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache = cache_dir / timing_cache_name(trt.__version__, gpu)
-    config = CreateConfig(
-        profiles=[Profile().add(input_name, min=shapes.min, opt=shapes.opt, max=shapes.max)],
-        load_timing_cache=str(cache) if cache.exists() else None,
-        version_compatible=version_compatible or None,
+    network, config = engine_loaders(
+        onnx_path, input_name, shapes, strongly_typed, cache,
+        version_compatible=version_compatible,
         hardware_compatibility_level=trt.HardwareCompatibilityLevel.AMPERE_PLUS if ampere_plus else None,
-        **precision,
     )
     print(
         f"building on {gpu.name} (sm {gpu.compute_capability}) with TensorRT {trt.__version__}: "
