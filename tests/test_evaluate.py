@@ -9,7 +9,8 @@ import pytest
 
 from tools.client import Detections, PipelineClient, load_labels
 from tools.deeppcb import Sample, read_split, split_train_val
-from tools.evaluate import EvaluationSetup, deployed_score_threshold, main, select_samples, write_report
+from tools.deeppcb import select_samples
+from tools.evaluate import EvaluationSetup, deployed_score_threshold, main, write_report
 
 CLASS_NAMES = load_labels()
 OPEN, SHORT, SPUR, COPPER = (CLASS_NAMES.index(n) for n in ("open", "short", "spur", "copper"))

@@ -4,6 +4,7 @@ CLI::
 
     python -m tools.client IMAGE_OR_DIR [...] [--url localhost:8001] [--json out.json] [--annotate-dir DIR]
         [--score-threshold S] [--iou-threshold T] [--concurrency N] [--recursive]
+        [--tile [--tile-size 640] [--tile-overlap 192]]
 """
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tqdm import tqdm
 
+from tools.tiling import DEFAULT_OVERLAP, DEFAULT_TILE_SIZE, TileSpec, Window, merge_tiles, read_tiles
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LABELS = REPO_ROOT / "models" / "pcb_defect_detector" / "1" / "labels.txt"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 OUTPUT_NAMES = ("NUM_DETECTIONS", "BOXES", "SCORES", "CLASSES")
+TILES_PER_REQUEST = 8  # one of the dynamic batcher's preferred batch sizes, well under max_batch_size 32
 
 
 @dataclass
@@ -110,51 +114,85 @@ class PipelineClient:
 
     def infer_files(self, paths: Iterable[str | Path], score_threshold: float | None = None,
                     iou_threshold: float | None = None, concurrency: int = 4,
-                    progress: bool = True) -> list[Detections]:
-        """Send each file as its own request, ``concurrency`` in flight at a time; results in input order.
+                    progress: bool = True, tiles: TileSpec | None = None) -> list[Detections]:
+        """Send each file as its own request, ``concurrency`` requests in flight; results in input order.
 
-        Every file is attempted; if any fails, ``InferenceFailed`` names each failed file with its error
-        and carries the results of the others.
+        With ``tiles``, a file larger than one tile is cut into overlapping tiles at its native resolution,
+        sent ``TILES_PER_REQUEST`` to a request, and its detections are merged back into file coordinates
+        (tools.tiling). Every file is attempted; if any fails, ``InferenceFailed`` names each failed file
+        with its error and carries the results of the others.
         """
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         paths = [Path(p) for p in paths]
         results: list[Detections | None] = [None] * len(paths)
         failures: dict[str, str] = {}
+        tile_results: dict[int, list] = {}  # file index -> its tiles' Detections, filled as requests return
+        windows: dict[int, tuple[list[Window], int, int] | None] = {}  # file index -> tiles, height, width
+        pending: dict[int, int] = {}  # file index -> requests not yet returned
         completed: queue.Queue = queue.Queue()
 
-        def on_done(index, result, error):  # runs on a gRPC thread: hand over to the submitting thread
-            completed.put((index, result, error))
+        def on_done(index, first_tile, result, error):  # runs on a gRPC thread: hand over to the submitting thread
+            completed.put((index, first_tile, result, error))
 
         def collect(bar) -> None:
-            index, result, error = completed.get()
+            index, first_tile, result, error = completed.get()
             if error is not None:
-                failures[str(paths[index])] = error.message()
+                failures.setdefault(str(paths[index]), error.message())
             else:
-                results[index] = split_detections(result)[0]
-            bar.update()
+                detections = split_detections(result)
+                tile_results[index][first_tile : first_tile + len(detections)] = detections
+            pending[index] -= 1
+            if pending[index] == 0:
+                if str(paths[index]) not in failures:
+                    results[index] = whole_image(tile_results[index], windows[index], tiles)
+                bar.update()
 
         in_flight = 0
         with tqdm(total=len(paths), unit="image", disable=not progress, desc="Inference") as bar:
             for index, path in enumerate(paths):
-                while in_flight >= concurrency:
-                    collect(bar)
-                    in_flight -= 1
                 try:
-                    encoded = path.read_bytes()
+                    encoded_images, windows[index] = read_requests(path, tiles)
                 except OSError as error:
                     failures[str(path)] = f"cannot read file: {error.strerror or error}"
                     bar.update()
                     continue
-                self._client.async_infer(callback=partial(on_done, index),
-                                         **self._request([encoded], score_threshold, iou_threshold))
-                in_flight += 1
+                except ValueError as error:
+                    failures[str(path)] = f"cannot tile file: {error}"
+                    bar.update()
+                    continue
+                tile_results[index] = [None] * len(encoded_images)
+                pending[index] = 0
+                for first_tile in range(0, len(encoded_images), TILES_PER_REQUEST):
+                    while in_flight >= concurrency:
+                        collect(bar)
+                        in_flight -= 1
+                    chunk = encoded_images[first_tile : first_tile + TILES_PER_REQUEST]
+                    pending[index] += 1
+                    self._client.async_infer(callback=partial(on_done, index, first_tile),
+                                             **self._request(chunk, score_threshold, iou_threshold))
+                    in_flight += 1
             for _ in range(in_flight):
                 collect(bar)
         if failures:
             ordered = {str(p): failures[str(p)] for p in paths if str(p) in failures}
             raise InferenceFailed(ordered, results)
         return results
+
+
+def read_requests(path: Path, tiles: TileSpec | None) -> tuple[list[bytes], tuple[list[Window], int, int] | None]:
+    """What to send for one file: its bytes, or with ``tiles`` its tiles and their (windows, height, width)."""
+    if tiles is None:
+        return [path.read_bytes()], None
+    return read_tiles(path, tiles)
+
+
+def whole_image(tile_detections: list[Detections], layout: tuple[list[Window], int, int] | None,
+                tiles: TileSpec | None) -> Detections:
+    """One file's detections from its requests' results (one result unless the file was tiled)."""
+    if layout is None:
+        return tile_detections[0]
+    return Detections(*merge_tiles(tile_detections, *layout, tiles.merge_iou))
 
 
 def find_images(inputs: Iterable[str | Path], recursive: bool = False) -> list[Path]:
@@ -223,6 +261,19 @@ def write_annotated(paths: Sequence[Path], results: Sequence[Detections | None],
     return written
 
 
+def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tile", action="store_true",
+                        help="cut images larger than one tile into overlapping tiles at native resolution "
+                             "(whole-board scans) instead of letting the pipeline shrink them to 640x640")
+    parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, help="tile side in pixels")
+    parser.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP,
+                        help="pixels shared by neighbouring tiles; keep it wider than the largest defect")
+
+
+def tile_spec(args: argparse.Namespace) -> TileSpec | None:
+    return TileSpec(args.tile_size, args.tile_overlap) if args.tile else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Detect PCB defects in images with the pcb_pipeline model.")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
@@ -236,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recursive", action="store_true", help="look for images in subfolders too")
     parser.add_argument("--labels", type=Path, default=DEFAULT_LABELS)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    add_tiling_arguments(parser)
     args = parser.parse_args(argv)
 
     paths = find_images(args.inputs, recursive=args.recursive)
@@ -245,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     failures: dict[str, str] = {}
     with PipelineClient(args.url, args.model, timeout_s=args.timeout) as client:
         try:
-            results = client.infer_files(paths, args.score_threshold, args.iou_threshold, args.concurrency)
+            results = client.infer_files(paths, args.score_threshold, args.iou_threshold, args.concurrency,
+                                         tiles=tile_spec(args))
         except InferenceFailed as error:
             results, failures = error.results, error.failures
 

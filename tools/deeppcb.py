@@ -89,6 +89,33 @@ def split_train_val(samples: list[Sample], val_fraction: float = 0.15, seed: int
     return train, val
 
 
+def select_samples(data: Path, list_file: str, split: str, val_fraction: float, seed: int) -> list[Sample]:
+    """The boards of ``list_file``: all of them, or the train/val part of ``split_train_val``."""
+    samples = read_split(data, list_file)
+    if split == "all":
+        return samples
+    train, val = split_train_val(samples, val_fraction, seed)
+    return val if split == "val" else train
+
+
+def write_sample(out_dir: Path, group: str, image_id: str, test: np.ndarray, template: np.ndarray,
+                 boxes: np.ndarray, classes: np.ndarray, image_format: str = "png", jpeg_quality: int = 95) -> Sample:
+    """Write one board in the DeepPCB layout: ``groupG/G/ID_test|_temp.FORMAT`` and ``groupG/G_not/ID.txt``."""
+    import cv2
+
+    image_dir = Path(out_dir) / f"group{group}" / group
+    image_dir.mkdir(parents=True, exist_ok=True)
+    test_path = image_dir / f"{image_id}_test.{image_format}"
+    template_path = image_dir / f"{image_id}_temp.{image_format}"
+    annotation_path = Path(out_dir) / f"group{group}" / f"{group}_not" / f"{image_id}.txt"
+    encode = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if image_format == "jpg" else []
+    for path, image in ((test_path, test), (template_path, template)):
+        if not cv2.imwrite(str(path), image, encode):
+            raise OSError(f"cannot write {path}")
+    write_annotations(annotation_path, boxes, classes)
+    return Sample(test_path, template_path, annotation_path, boxes, classes)
+
+
 def write_list_file(root: Path, samples: list[Sample], list_file: str) -> Path:
     """Write a DeepPCB list file in ``root`` naming ``samples`` (whose paths must lie under root)."""
     root = Path(root).resolve()

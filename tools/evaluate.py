@@ -30,7 +30,7 @@ import numpy as np
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(2**40))  # must precede the cv2 import to take effect
 import cv2  # noqa: E402
 
-from tools.deeppcb import DEFAULT_ROOT, Sample, read_split, split_train_val  # noqa: E402
+from tools.deeppcb import DEFAULT_ROOT, Sample, select_samples  # noqa: E402
 from tools.metrics import (  # noqa: E402
     DEEPPCB_IOU_THRESHOLD,
     VOC_IOU_THRESHOLD,
@@ -59,15 +59,6 @@ def deployed_score_threshold(config_path: Path = MODEL_REPOSITORY / "postprocess
     return float(config.parameters["score_threshold"].string_value)
 
 
-def select_samples(data: Path, list_file: str, split: str, val_fraction: float, seed: int) -> list[Sample]:
-    """The boards of ``list_file``: all of them, or the train/val part of ``split_train_val``."""
-    samples = read_split(data, list_file)
-    if split == "all":
-        return samples
-    train, val = split_train_val(samples, val_fraction, seed)
-    return val if split == "val" else train
-
-
 @dataclass(frozen=True)
 class EvaluationSetup:
     """What was evaluated and how; goes into the report as is."""
@@ -82,6 +73,7 @@ class EvaluationSetup:
     request_score_threshold: float  # sent with every request, low so AP sees the whole ranking
     deployed_score_threshold: float  # the postprocess default, where the F-score is taken
     config: str  # where the deployed threshold was read
+    tiles: dict | None = None  # tile size, overlap and merge IoU when scans were tiled (tools.tiling)
 
 
 @dataclass(frozen=True)
@@ -380,9 +372,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     parser.add_argument("--examples", type=int, default=6, help="annotated boards to write")
     parser.add_argument("--out", type=Path, default=Path("reports/eval"))
-    args = parser.parse_args(argv)
+    from tools.client import PipelineClient, add_tiling_arguments, load_labels, tile_spec
 
-    from tools.client import PipelineClient, load_labels
+    add_tiling_arguments(parser)
+    args = parser.parse_args(argv)
+    tiles = tile_spec(args)
 
     samples = select_samples(args.data, args.list, args.split, args.val_fraction, args.seed)[: args.limit]
     if not samples:
@@ -396,6 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
                 [s.image_path for s in samples],
                 score_threshold=args.request_score_threshold,
                 concurrency=args.concurrency,
+                tiles=tiles,
             )
     setup = EvaluationSetup(
         data=str(args.data),
@@ -408,6 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
         request_score_threshold=args.request_score_threshold,
         deployed_score_threshold=threshold,
         config=str(config),
+        tiles=asdict(tiles) if tiles else None,
     )
     report = write_report(samples, detections, setup, class_names, args.out, args.examples)
     m = report["metrics"]

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from tools.deeppcb import CLASS_NAMES, Sample, write_annotations, write_list_file
+from tools.deeppcb import CLASS_NAMES, write_list_file, write_sample
 
 OPEN, SHORT, MOUSEBITE, SPUR, COPPER, PIN_HOLE = range(len(CLASS_NAMES))
 
@@ -806,22 +806,11 @@ def write_dataset(
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
     height = width if height is None else height
-    out_dir = Path(out_dir)
-    encode = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if image_format == "jpg" else []
     samples = []
     for index in tqdm(range(count), desc="boards", unit="board", disable=not progress):
         pair = generate_pair(width, height, board_rng(seed, index))
-        group, image_id = sample_id(index)
-        image_dir = out_dir / f"group{group}" / group
-        image_dir.mkdir(parents=True, exist_ok=True)
-        test_path = image_dir / f"{image_id}_test.{image_format}"
-        template_path = image_dir / f"{image_id}_temp.{image_format}"
-        annotation_path = out_dir / f"group{group}" / f"{group}_not" / f"{image_id}.txt"
-        for path, image in ((test_path, pair.test), (template_path, pair.template)):
-            if not cv2.imwrite(str(path), image, encode):
-                raise OSError(f"cannot write {path}")
-        write_annotations(annotation_path, pair.boxes, pair.classes)
-        samples.append(Sample(test_path, template_path, annotation_path, pair.boxes, pair.classes))
+        samples.append(write_sample(out_dir, *sample_id(index), pair.test, pair.template, pair.boxes, pair.classes,
+                                    image_format, JPEG_QUALITY))
     return write_list_file(out_dir, samples, list_file)
 
 
