@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tools.client import Detections, PipelineClient
+from tools.client import Detections, InferenceFailed, PipelineClient
 from tools.deeppcb import read_split
 from tools.metrics import box_iou, match_in_file_order
 from tools.mosaic import stitch, write_mosaics
@@ -187,3 +187,14 @@ def test_tiled_scan_finds_what_the_boards_alone_give(triton_server, labelled_boa
     assert found_fraction(mosaic_scan, tiled) >= board_recall - 0.05
     # Without tiling the pipeline shrinks the scan 4x and most defects vanish.
     assert found_fraction(mosaic_scan, shrunk) < board_recall / 2
+
+
+def test_a_file_that_cannot_be_tiled_is_named_and_the_others_are_answered(triton_server, mosaic_scan, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with PipelineClient(triton_server.grpc_url) as client:
+        with pytest.raises(InferenceFailed) as failed:
+            client.infer_files([broken, mosaic_scan.image_path], progress=False, tiles=TileSpec())
+    assert failed.value.failures == {str(broken): "cannot tile file: OpenCV cannot decode this file as an image"}
+    assert failed.value.results[0] is None
+    assert found_fraction(mosaic_scan, failed.value.results[1]) > 0.5

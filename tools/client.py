@@ -128,7 +128,7 @@ class PipelineClient:
         results: list[Detections | None] = [None] * len(paths)
         failures: dict[str, str] = {}
         tile_results: dict[int, list] = {}  # file index -> its tiles' Detections, filled as requests return
-        windows: dict[int, tuple[list[Window], int, int] | None] = {}  # file index -> tiles, height, width
+        layouts: dict[int, tuple[list[Window], int, int] | None] = {}  # file index -> tiles, height, width
         pending: dict[int, int] = {}  # file index -> requests not yet returned
         completed: queue.Queue = queue.Queue()
 
@@ -145,14 +145,14 @@ class PipelineClient:
             pending[index] -= 1
             if pending[index] == 0:
                 if str(paths[index]) not in failures:
-                    results[index] = whole_image(tile_results[index], windows[index], tiles)
+                    results[index] = whole_image(tile_results[index], layouts[index], tiles)
                 bar.update()
 
         in_flight = 0
         with tqdm(total=len(paths), unit="image", disable=not progress, desc="Inference") as bar:
             for index, path in enumerate(paths):
                 try:
-                    encoded_images, windows[index] = read_requests(path, tiles)
+                    encoded_images, layouts[index] = read_requests(path, tiles)
                 except OSError as error:
                     failures[str(path)] = f"cannot read file: {error.strerror or error}"
                     bar.update()
