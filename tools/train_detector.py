@@ -253,7 +253,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", default=str(DEFAULT_ROOT), help="DeepPCB-format folder")
     parser.add_argument("--list", default="trainval.txt", help="list file inside --data")
     parser.add_argument("--out", default="runs/detector", help="checkpoints and final weights go here")
-    parser.add_argument("--epochs", type=int, default=140)
+    parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--steps-per-epoch", type=int, default=60)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--crop", type=int, default=320, help="square training crop, a multiple of 32")
