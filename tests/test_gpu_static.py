@@ -37,10 +37,10 @@ def test_pyflakes_finds_nothing():
 
 
 def serving_image_pin(name: str) -> str:
-    for line in SERVING_REQUIREMENTS.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line and Requirement(line).name == name:
-            return str(Requirement(line).specifier).removeprefix("==")
+    lines = (line.split("#")[0].strip() for line in SERVING_REQUIREMENTS.read_text().splitlines())
+    for requirement in (Requirement(line) for line in lines if line):
+        if requirement.name == name:
+            return str(requirement.specifier).removeprefix("==")
     raise AssertionError(f"{name} is not pinned in {SERVING_REQUIREMENTS}")
 
 

@@ -98,6 +98,13 @@ def select_samples(data: Path, list_file: str, split: str, val_fraction: float, 
     return val if split == "val" else train
 
 
+def sample_id(index: int, first_group: int) -> tuple[str, str]:
+    """(group, image id) of the ``index``-th board written by a tool, numbered like DeepPCB: group
+    ``first_group + index // 1000``, id = group + a 3-digit counter."""
+    group = f"{first_group + index // 1000:05d}"
+    return group, f"{group}{index % 1000:03d}"
+
+
 def write_sample(out_dir: Path, group: str, image_id: str, test: np.ndarray, template: np.ndarray,
                  boxes: np.ndarray, classes: np.ndarray, image_format: str = "png", jpeg_quality: int = 95) -> Sample:
     """Write one board in the DeepPCB layout: ``groupG/G/ID_test|_temp.FORMAT`` and ``groupG/G_not/ID.txt``."""

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from tools.deeppcb import DEFAULT_ROOT, Sample, select_samples, write_list_file, write_sample
+from tools.deeppcb import DEFAULT_ROOT, Sample, sample_id, select_samples, write_list_file, write_sample
 
 FIRST_GROUP = 98000  # mosaic group numbers stay clear of DeepPCB's real ones and of tools.synth_boards'
 
@@ -56,8 +56,7 @@ def write_mosaics(samples: Sequence[Sample], columns: int, rows: int, out_dir: P
         boxes = np.concatenate([board.boxes + np.array([x, y, x, y], np.float32) for board, (x, y) in
                                 zip(boards, origins)])
         classes = np.concatenate([board.classes for board in boards])
-        group = f"{FIRST_GROUP + index // 1000:05d}"
-        written.append(write_sample(out_dir, group, f"{group}{index % 1000:03d}", test, template, boxes, classes,
+        written.append(write_sample(out_dir, *sample_id(index, FIRST_GROUP), test, template, boxes, classes,
                                     image_format))
     return write_list_file(out_dir, written, list_file), len(samples) - count * per_mosaic
 

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from tools.deeppcb import CLASS_NAMES, write_list_file, write_sample
+from tools.deeppcb import CLASS_NAMES, sample_id, write_list_file, write_sample
 
 OPEN, SHORT, MOUSEBITE, SPUR, COPPER, PIN_HOLE = range(len(CLASS_NAMES))
 
@@ -782,12 +782,6 @@ def board_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
 
 
-def sample_id(index: int) -> tuple[str, str]:
-    """(group, image id) for the ``index``-th board, numbered like DeepPCB (group + 3-digit counter)."""
-    group = f"{FIRST_GROUP + index // 1000:05d}"
-    return group, f"{group}{index % 1000:03d}"
-
-
 def write_dataset(
     out_dir: Path,
     count: int,
@@ -809,8 +803,8 @@ def write_dataset(
     samples = []
     for index in tqdm(range(count), desc="boards", unit="board", disable=not progress):
         pair = generate_pair(width, height, board_rng(seed, index))
-        samples.append(write_sample(out_dir, *sample_id(index), pair.test, pair.template, pair.boxes, pair.classes,
-                                    image_format, JPEG_QUALITY))
+        samples.append(write_sample(out_dir, *sample_id(index, FIRST_GROUP), pair.test, pair.template,
+                                    pair.boxes, pair.classes, image_format, JPEG_QUALITY))
     return write_list_file(out_dir, samples, list_file)
 
 
