@@ -8,7 +8,7 @@
 # The release is pinned here once; override with --build-arg NVIDIA_RELEASE=yy.mm.
 ARG NVIDIA_RELEASE=26.08
 
-# ---- engine builder: TensorRT + polygraphy, runs tools.build_engine / tools.validate_engine on the GPU ----
+# ---- engine builder: TensorRT + polygraphy, runs tools.engine.build / tools.engine.validate on the GPU ----
 FROM nvcr.io/nvidia/tensorrt:${NVIDIA_RELEASE}-py3 AS engine-builder
 ENV PIP_BREAK_SYSTEM_PACKAGES=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -21,7 +21,7 @@ RUN python3 -m pip install --no-cache-dir -r /tmp/requirements-engine-builder.tx
 COPY tools/ tools/
 COPY models/ models/
 USER 10001
-CMD ["python3", "-m", "tools.build_engine"]
+CMD ["python3", "-m", "tools.engine.build"]
 
 # ---- serving: Triton with the Python packages the preprocess/postprocess models import ----
 FROM nvcr.io/nvidia/tritonserver:${NVIDIA_RELEASE}-py3 AS serving

@@ -3,7 +3,9 @@
 #
 #   make demo [IMAGES=folder]   start the server, detect defects in sample (or your) boards, write out/demo/
 #   make serve                  serve models/ in the foreground (ports: HTTP_PORT, GRPC_PORT, METRICS_PORT)
-#   make test [PYTEST_ARGS=...] run the test suite against a real server
+#   make test [PYTEST_ARGS=...] the whole test suite, live-server tests included (what CI runs)
+#   make unit [PYTEST_ARGS=...] the unit tier: no server, no GPU, not slow (under a minute)
+#   make lint                   ruff lint over models/, tools/ and tests/
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -25,20 +27,27 @@ LDCONFIG := $(shell command -v ldconfig || echo /sbin/ldconfig)
 SERVE_STAMP := $(VENV)/.installed-serve-$(shell cat requirements/serve.txt | sha256sum | cut -c1-16)
 TEST_STAMP := $(VENV)/.installed-test-$(shell cat $(sort $(wildcard requirements/*.txt)) | sha256sum | cut -c1-16)
 
-.PHONY: help demo serve test system-deps
+.PHONY: help demo serve test unit lint system-deps
 
 help:
-	@sed -n '1,8s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '1,10s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 demo: $(SERVE_STAMP) system-deps
 	$(VENV_PYTHON) -m tools.demo --out "$(DEMO_OUT)" $(if $(IMAGES),--images "$(IMAGES)")
 
 serve: $(SERVE_STAMP) system-deps
-	$(VENV_PYTHON) -m tools.triton_server
+	$(VENV_PYTHON) -m tools.serve
 
 # The venv's bin goes first on PATH, as if activated: some tests run its command-line tools (hadolint).
 test: $(TEST_STAMP) system-deps
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV_PYTHON) -m pytest tests $(PYTEST_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
+
+# The tiers are markers that tests/conftest.py applies (pyproject.toml lists them).
+unit: $(TEST_STAMP) system-deps
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV_PYTHON) -m pytest -m "not live and not slow and not gpu" $(PYTEST_ARGS)
+
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check models tools tests
 
 # Installs the missing system packages with apt-get when run as root; otherwise says what to install.
 system-deps:

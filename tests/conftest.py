@@ -1,4 +1,9 @@
-"""Shared fixtures: a real Triton server on the CPU model repository, and labelled sample boards."""
+"""Shared fixtures (a real Triton server on the CPU model repository, labelled sample boards) and the test tiers.
+
+Tiers are markers, applied here from what a test uses, so no test has to remember them:
+``live`` (the tritonserver fixture), ``data`` (the DeepPCB trainval folder), ``slow`` (over a few seconds
+alone; listed in SLOW_TESTS), ``gpu`` (NVIDIA GPU; such tests mark themselves and skip without one).
+"""
 from __future__ import annotations
 
 import os
@@ -8,15 +13,30 @@ from pathlib import Path
 
 import pytest
 
-from tools.deeppcb import DEFAULT_ROOT, Sample, read_split, split_train_val
-from tools.triton_server import REPO_ROOT, TritonServer
+from tools.data.deeppcb import DEFAULT_ROOT, Sample, read_split
+from tools.data.splits import select_samples
+from tools.contract import REPO_ROOT
+from tools.serve.triton_server import TritonServer
 
 SYNTHETIC_BOARD_COUNT = 6
 DEEPPCB_BOARD_COUNT = 8
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU; such tests skip themselves, with the reason, without one")
+# Tests that need no server but take several seconds each (measured with --durations).
+SLOW_TESTS = {
+    "test_short_training_resumes_and_exports",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "triton_server" in fixtures:
+            item.add_marker(pytest.mark.live)
+        if "deeppcb_root" in fixtures:
+            item.add_marker(pytest.mark.data)
+        if item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -39,10 +59,10 @@ def triton_server():
 
 @pytest.fixture(scope="session")
 def synthetic_boards(tmp_path_factory) -> list[Sample]:
-    """Synthetic DeepPCB-style boards with labelled defects (tools.synth_boards, fixed seed)."""
+    """Synthetic DeepPCB-style boards with labelled defects (tools.data.synth_boards, fixed seed)."""
     out = tmp_path_factory.mktemp("synthetic_boards")
     subprocess.run(
-        [sys.executable, "-m", "tools.synth_boards", "--out", str(out), "--count", str(SYNTHETIC_BOARD_COUNT),
+        [sys.executable, "-m", "tools.data.synth_boards", "--out", str(out), "--count", str(SYNTHETIC_BOARD_COUNT),
          "--seed", "0", "--list-file", "test.txt"],
         cwd=REPO_ROOT, check=True, capture_output=True,
     )
@@ -53,8 +73,7 @@ def synthetic_boards(tmp_path_factory) -> list[Sample]:
 def labelled_boards(synthetic_boards) -> list[Sample]:
     """Real DeepPCB boards the detector was not trained on when the dataset is here, else synthetic boards."""
     if (DEFAULT_ROOT / "trainval.txt").is_file():
-        _, held_out = split_train_val(read_split(DEFAULT_ROOT, "trainval.txt"))
-        return held_out[:DEEPPCB_BOARD_COUNT]
+        return select_samples(DEFAULT_ROOT, "trainval.txt", "val")[:DEEPPCB_BOARD_COUNT]
     return synthetic_boards
 
 

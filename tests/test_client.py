@@ -7,22 +7,18 @@ import cv2
 import numpy as np
 import pytest
 
-from tools.annotate import CLASS_COLOURS, class_colour, draw_detections
-from tools.client import (
-    Detections,
-    InferenceFailed,
-    PipelineClient,
-    detections_record,
-    detections_table,
-    find_images,
-    load_labels,
-    main,
-)
-from tools.deeppcb import CLASS_NAMES
+from tools.client.annotate import CLASS_COLOURS, class_colour, draw_detections
+from tools.client.__main__ import main
+from tools.client.pipeline_client import InferenceFailed, PipelineClient
+from tools.client.results import detections_record, detections_table, find_images
+from tools.contract import served_contract
+from tools.detections import Detections
+
+LABELS = served_contract().labels
 
 
-def test_labels_file_lists_the_six_classes_in_order():
-    assert load_labels() == list(CLASS_NAMES)
+def test_labels_file_lists_the_six_deeppcb_classes_in_order():
+    assert LABELS == ("open", "short", "mousebite", "spur", "copper", "pin-hole")
 
 
 def test_find_images_expands_folders_and_rejects_missing(tmp_path):
@@ -42,7 +38,7 @@ def two_detections() -> Detections:
 
 
 def test_detections_record_and_table(tmp_path):
-    labels = load_labels()
+    labels = LABELS
     record = detections_record(tmp_path / "board.jpg", two_detections(), labels)
     assert record["detections"][0] == {"box": [10.0, 20.0, 50.0, 60.0], "class": "short", "class_id": 1, "score": 0.9}
     assert record["detections"][1]["class"] == "pin-hole"
@@ -57,7 +53,7 @@ def test_detections_record_and_table(tmp_path):
 @pytest.mark.parametrize("shape", [(200, 300), (200, 300, 1), (200, 300, 3), (200, 300, 4)])
 def test_draw_detections_boxes_in_class_colours(shape):
     image = np.full(shape, 255, np.uint8)
-    drawn = draw_detections(image, two_detections(), load_labels())
+    drawn = draw_detections(image, two_detections(), LABELS)
     assert drawn.shape == (200, 300, 3) and drawn.dtype == np.uint8
     assert image.min() == 255, "the input image is left untouched"
     # Bottom-left corner of each box (the label sits at the top) has the class colour.
@@ -102,7 +98,7 @@ def test_cli_writes_json_and_annotated_images(triton_server, board_bytes, tmp_pa
     records = json.loads(out_json.read_text())
     assert [r["file"] for r in records] == [str(images / "board.jpg"), str(images / "broken.png")]
     detections = records[0]["detections"]
-    assert detections and all(d["score"] > 0.3 and d["class"] in CLASS_NAMES for d in detections)
+    assert detections and all(d["score"] > 0.3 and d["class"] in LABELS for d in detections)
     assert "IMAGE[0]" in records[1]["error"]
     drawn = cv2.imread(str(annotated / "board.png"))
     assert drawn.shape == (640, 640, 3)

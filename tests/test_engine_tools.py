@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tools import build_engine
-from tools.build_engine import (
+from tools.engine import build as build_engine
+from tools.engine.build import (
     DEFAULT_CONFIG,
     DEFAULT_ONNX,
     Gpu,
@@ -22,14 +22,8 @@ from tools.build_engine import (
     supports_strong_typing,
     timing_cache_name,
 )
-from tools.output_agreement import (
-    Detections,
-    detection_agreement,
-    detections_from_batch,
-    match_image,
-    raw_output_reports,
-    tolerance_report,
-)
+from tools.detections import Detections
+from tools.engine.agreement import detection_agreement, pair_detections, raw_output_reports, tolerance_report
 
 # ---- optimization profile ---------------------------------------------------------------------------------
 
@@ -122,7 +116,7 @@ def test_without_tensorrt_the_build_stops_and_says_where_to_run(capsys):
     message = capsys.readouterr().err
     assert "TensorRT Python package is not installed" in message
     assert "docker build --target engine-builder" in message
-    assert "--gpus all" in message and "python3 -m tools.build_engine" in message
+    assert "--gpus all" in message and "python3 -m tools.engine.build" in message
 
 
 def test_without_nvidia_smi_the_gpu_query_explains(monkeypatch):
@@ -170,35 +164,32 @@ def test_boxes_are_judged_in_units_of_the_input_side_and_scores_as_they_are():
 # ---- detection matching -----------------------------------------------------------------------------------
 
 
-def detections(boxes, scores, classes) -> Detections:
-    return Detections(np.array(boxes, np.float32).reshape(-1, 4), np.array(scores, np.float32), np.array(classes))
-
-
+detections = Detections.of
 REFERENCE = detections([[0, 0, 100, 100], [200, 200, 260, 240]], [0.9, 0.6], [1, 4])
 
 
 def test_identical_detections_match_completely():
-    agreement = match_image(REFERENCE, REFERENCE, score_threshold=0.25, max_detections=100)
+    agreement = pair_detections(REFERENCE, REFERENCE, score_threshold=0.25, max_detections=100)
     assert agreement.matched_ious.tolist() == [1.0, 1.0]
     assert (agreement.unmatched_reference, agreement.unmatched_candidate, agreement.borderline_unmatched) == (0, 0, 0)
 
 
 def test_moved_box_or_other_class_is_a_disagreement():
     moved = detections([[0, 0, 100, 100], [220, 200, 280, 240]], [0.9, 0.6], [1, 4])
-    agreement = match_image(REFERENCE, moved, score_threshold=0.25, max_detections=100, min_iou=0.9)
+    agreement = pair_detections(REFERENCE, moved, score_threshold=0.25, max_detections=100, min_iou=0.9)
     assert (len(agreement.matched_ious), agreement.unmatched_reference, agreement.unmatched_candidate) == (1, 1, 1)
     relabelled = detections([[0, 0, 100, 100], [200, 200, 260, 240]], [0.9, 0.6], [1, 3])
-    agreement = match_image(REFERENCE, relabelled, score_threshold=0.25, max_detections=100)
+    agreement = pair_detections(REFERENCE, relabelled, score_threshold=0.25, max_detections=100)
     assert (agreement.unmatched_reference, agreement.unmatched_candidate) == (1, 1)
 
 
 def test_a_detection_sitting_on_the_threshold_may_cross_it():
     reference = detections([[0, 0, 100, 100], [300, 300, 340, 340]], [0.9, 0.255], [1, 2])
     candidate = detections([[0, 0, 100, 100]], [0.9], [1])  # the 0.255 one fell to 0.249 and was cut
-    agreement = match_image(reference, candidate, score_threshold=0.25, max_detections=100, max_score_drift=0.02)
+    agreement = pair_detections(reference, candidate, score_threshold=0.25, max_detections=100, max_score_drift=0.02)
     assert (agreement.borderline_unmatched, agreement.unmatched_reference) == (1, 0)
     far_above = detections([[0, 0, 100, 100], [300, 300, 340, 340]], [0.9, 0.5], [1, 2])
-    agreement = match_image(far_above, candidate, score_threshold=0.25, max_detections=100, max_score_drift=0.02)
+    agreement = pair_detections(far_above, candidate, score_threshold=0.25, max_detections=100, max_score_drift=0.02)
     assert (agreement.borderline_unmatched, agreement.unmatched_reference) == (0, 1)
 
 
@@ -206,10 +197,10 @@ def test_a_full_list_cuts_at_its_lowest_score():
     # K = 2: B (0.801) and C (0.799 in the reference) swap places across the cut; neither side is wrong.
     reference = detections([[0, 0, 10, 10], [20, 20, 30, 30]], [0.9, 0.801], [0, 0])
     candidate = detections([[0, 0, 10, 10], [40, 40, 50, 50]], [0.9, 0.805], [0, 0])
-    agreement = match_image(reference, candidate, score_threshold=0.25, max_detections=2, max_score_drift=0.02)
+    agreement = pair_detections(reference, candidate, score_threshold=0.25, max_detections=2, max_score_drift=0.02)
     assert len(agreement.matched_ious) == 1
     assert (agreement.borderline_unmatched, agreement.unmatched_reference, agreement.unmatched_candidate) == (2, 0, 0)
-    not_full = match_image(reference, candidate, score_threshold=0.25, max_detections=3, max_score_drift=0.02)
+    not_full = pair_detections(reference, candidate, score_threshold=0.25, max_detections=3, max_score_drift=0.02)
     assert (not_full.unmatched_reference, not_full.unmatched_candidate) == (1, 1)
 
 
@@ -220,13 +211,3 @@ def test_agreement_pools_images_and_fails_on_score_drift():
     assert pooled.max_score_drift == pytest.approx(0.05, abs=1e-6)
     assert not pooled.passed
     assert detection_agreement([REFERENCE], [REFERENCE], 0.25, 100).passed
-
-
-def test_batch_arrays_split_into_images_without_their_padding():
-    boxes = np.zeros((2, 3, 4), np.float32)
-    boxes[0, :2] = [[0, 0, 1, 1], [2, 2, 3, 3]]
-    scores = np.array([[0.9, 0.8, 0.0], [0.0, 0.0, 0.0]], np.float32)
-    classes = np.array([[1, 2, 0], [0, 0, 0]], np.int32)
-    first, second = detections_from_batch(np.array([[2], [0]]), boxes, scores, classes)
-    assert first.boxes.shape == (2, 4) and first.classes.tolist() == [1, 2]
-    assert len(second.scores) == 0

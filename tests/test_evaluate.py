@@ -1,4 +1,4 @@
-"""tools.evaluate: report writing on a hand-made case (no server), and one run against the live pipeline."""
+"""tools.eval.evaluate: report writing on a hand-made case (no server), and one run against the live pipeline."""
 
 import json
 from pathlib import Path
@@ -7,12 +7,15 @@ import cv2
 import numpy as np
 import pytest
 
-from tools.client import Detections, PipelineClient, load_labels
-from tools.deeppcb import Sample, read_split, split_train_val
-from tools.deeppcb import select_samples
-from tools.evaluate import EvaluationSetup, deployed_score_threshold, main, write_report
+from tools.client.pipeline_client import PipelineClient
+from tools.contract import served_contract
+from tools.data.deeppcb import Sample, read_split
+from tools.data.splits import ValidationSplit, select_samples
+from tools.detections import Detections
+from tools.eval.evaluate import main
+from tools.eval.report import EvaluationSetup, write_report
 
-CLASS_NAMES = load_labels()
+CLASS_NAMES = served_contract().labels
 OPEN, SHORT, SPUR, COPPER = (CLASS_NAMES.index(n) for n in ("open", "short", "spur", "copper"))
 
 
@@ -38,7 +41,7 @@ def setup(deployed_score_threshold: float) -> EvaluationSetup:
         list="test.txt",
         split="all",
         val_fraction=0.15,
-        seed=0,
+        split_seed=0,
         url="none",
         model="pcb_pipeline",
         request_score_threshold=0.001,
@@ -47,10 +50,7 @@ def setup(deployed_score_threshold: float) -> EvaluationSetup:
     )
 
 
-def detections(boxes, scores, classes) -> Detections:
-    return Detections(
-        np.array(boxes, np.float32).reshape(-1, 4), np.array(scores, np.float32), np.array(classes, np.int32)
-    )
+detections = Detections.of
 
 
 def test_write_report_on_a_hand_computed_case(tmp_path):
@@ -104,15 +104,6 @@ def test_write_report_refuses_mismatched_inputs(tmp_path):
         write_report([a], [], setup(0.5), CLASS_NAMES, tmp_path / "out")
 
 
-def test_deployed_threshold_is_read_from_the_config(tmp_path):
-    config = tmp_path / "config.pbtxt"
-    config.write_text('name: "postprocess"\nparameters [ { key: "score_threshold" value: { string_value: "0.4" } } ]\n')
-    assert deployed_score_threshold(config) == pytest.approx(0.4)
-    config.write_text('name: "postprocess"\n')
-    with pytest.raises(KeyError, match="no 'score_threshold' parameter"):
-        deployed_score_threshold(config)
-
-
 def dataset_root(samples: list[Sample]) -> Path:
     """The DeepPCB-format folder the samples were read from: the nearest parent holding test.txt."""
     return next(p for p in Path(samples[0].image_path).parents if (p / "test.txt").is_file())
@@ -120,16 +111,16 @@ def dataset_root(samples: list[Sample]) -> Path:
 
 def test_val_split_is_the_training_split_carve_out(synthetic_boards):
     root = dataset_root(synthetic_boards)
-    _, val = split_train_val(read_split(root, "test.txt"), 0.5, 0)
-    chosen = select_samples(root, "test.txt", "val", 0.5, 0)
+    _, val = ValidationSplit(0.5, 0).divide(read_split(root, "test.txt"))
+    chosen = select_samples(root, "test.txt", "val", ValidationSplit(0.5, 0))
     assert [s.image_path for s in chosen] == [s.image_path for s in val] and len(chosen) == len(synthetic_boards) // 2
 
 
 def test_live_pipeline_report_is_consistent(triton_server, synthetic_boards, tmp_path):
     root, out = dataset_root(synthetic_boards), tmp_path / "eval"
-    args = ["--data", str(root), "--list", "test.txt", "--split", "val", "--val-fraction", "0.5", "--seed", "0"]
+    args = ["--data", str(root), "--list", "test.txt", "--split", "val", "--val-fraction", "0.5", "--split-seed", "0"]
     report = main([*args, "--url", triton_server.grpc_url, "--out", str(out), "--examples", "2"])
-    boards = select_samples(root, "test.txt", "val", 0.5, 0)
+    boards = select_samples(root, "test.txt", "val", ValidationSplit(0.5, 0))
     metrics, threshold = report["metrics"], report["setup"]["deployed_score_threshold"]
     assert metrics["images"] == len(boards) and metrics["ground_truths"] == sum(len(s.classes) for s in boards)
     at = metrics["deeppcb"]["at_threshold"]

@@ -1,4 +1,4 @@
-"""The FP16 mixed-precision detector (tools.convert_fp16): which nodes run in FP16, unchanged float32 I/O, and
+"""The FP16 mixed-precision detector (tools.engine.fp16): which nodes run in FP16, unchanged float32 I/O, and
 agreement with the FP32 model on real boards through ONNX Runtime on CPU.
 
 What the raw tolerance (atol = rtol = 5e-3) means here: class scores (in [0, 1]) are compared as they are, so a
@@ -12,8 +12,9 @@ import numpy as np
 import onnx
 import pytest
 
-from tools.board_batches import held_out_boards, load_boards
-from tools.convert_fp16 import (
+from tools.data.board_batches import load_boards
+from tools.data.splits import held_out_boards
+from tools.engine.fp16 import (
     DEFAULT_CALIBRATION_BOARDS,
     DEFAULT_OUTPUT,
     DEFAULT_SOURCE,
@@ -24,7 +25,7 @@ from tools.convert_fp16 import (
     file_sha256,
     node_precisions,
 )
-from tools.output_agreement import compare_outputs, onnxruntime_runner, run_in_batches
+from tools.engine.agreement import compare_outputs, onnxruntime_runner, run_in_batches
 
 FP16 = onnx.TensorProto.FLOAT16
 FP32 = onnx.TensorProto.FLOAT
@@ -107,12 +108,12 @@ def test_committed_fp16_model_was_made_from_the_committed_fp32_model():
     committed = onnx.load(str(DEFAULT_OUTPUT), load_external_data=False)
     metadata = {prop.key: prop.value for prop in committed.metadata_props}
     assert metadata.get(SOURCE_HASH_KEY) == file_sha256(DEFAULT_SOURCE), (
-        f"{DEFAULT_OUTPUT.name} is stale: regenerate it with `python -m tools.convert_fp16`"
+        f"{DEFAULT_OUTPUT.name} is stale: regenerate it with `python -m tools.engine.fp16`"
     )
 
 
 def test_conversion_is_reproducible(converted):
     assert converted[1].read_bytes() == DEFAULT_OUTPUT.read_bytes(), (
         f"converting {DEFAULT_SOURCE.name} again gave a different {DEFAULT_OUTPUT.name}: "
-        "regenerate it with `python -m tools.convert_fp16` (same package pins as requirements/gpu-tools.txt)"
+        "regenerate it with `python -m tools.engine.fp16` (same package pins as requirements/gpu-tools.txt)"
     )

@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tools.board_batches import held_out_boards, load_boards
-from tools.build_engine import (
+from tools.data.board_batches import load_boards
+from tools.data.splits import held_out_boards
+from tools.engine.build import (
     DEFAULT_CONFIG,
     DEFAULT_ONNX,
     MissingRequirement,
@@ -56,7 +57,7 @@ def test_engine_agrees_with_the_fp32_model_on_real_boards(built):
 
 
 def test_engine_runs_the_smallest_and_largest_profile_batch(built):
-    from tools.validate_engine import tensorrt_runner
+    from tools.engine.validate import tensorrt_runner
 
     max_batch = read_max_batch_size(DEFAULT_CONFIG)
     images, _ = load_boards(held_out_boards()[:max_batch])

@@ -70,7 +70,7 @@ def test_server_reads_the_model_store_the_job_writes(objects):
     assert "pcb-model-store" in claims(build).values() and "deeppcb-dataset" in claims(build).values()
     script = builder["args"][0]
     # Built and validated in staging; published to the path the server mounts only after validation passed.
-    assert script.index("tools.build_engine") < script.index("tools.validate_engine") < script.index("/store/models\n")
+    assert script.index("tools.engine.build") < script.index("tools.engine.validate") < script.index("/store/models\n")
     assert builder["command"] == ["/bin/bash", "-ceu"]  # -e: a failed build or validation publishes nothing
 
 

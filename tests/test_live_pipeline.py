@@ -6,40 +6,22 @@ import time
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-import tritonclient.grpc.model_config_pb2 as model_config_pb2
 import tritonclient.http as httpclient
-from google.protobuf import text_format
 from tritonclient.utils import InferenceServerException
 
-from tools.client import OUTPUT_NAMES, PipelineClient, encoded_images_input, load_labels
-from tools.metrics import VOC_IOU_THRESHOLD, box_iou, match_image
-from tools.triton_server import REPO_ROOT
+from tools.client.pipeline_client import PipelineClient, encoded_images_input
+from tools.contract import served_contract
+from tools.detections import box_iou
+from tools.eval.metrics import VOC_IOU_THRESHOLD, match_image
 
-MODELS = REPO_ROOT / "models"
-PIPELINE = "pcb_pipeline"
+CONTRACT = served_contract("cpu")  # what the test server serves
+PIPELINE, OUTPUT_NAMES, LABELS = CONTRACT.pipeline_model, CONTRACT.output_names, CONTRACT.labels
 PROTOCOLS = ("grpc", "http")
-LABELS = load_labels()
-
-
-def read_config(path: Path) -> model_config_pb2.ModelConfig:
-    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-
-
-def max_detections() -> int:
-    """K, the padded detection count, from the pipeline's BOXES output dims."""
-    (boxes,) = [output for output in read_config(MODELS / PIPELINE / "config.pbtxt").output if output.name == "BOXES"]
-    return int(boxes.dims[0])
-
-
-def default_threshold(name: str) -> float:
-    """A threshold default of the served (CPU) postprocess config."""
-    return float(read_config(MODELS / "postprocess" / "configs" / "cpu.pbtxt").parameters[name].string_value)
 
 
 def infer_raw(server, protocol: str, encoded_images: list[bytes], parameters: dict | None = None,
@@ -66,7 +48,7 @@ def detections_of(outputs: dict[str, np.ndarray], index: int = 0) -> tuple[np.nd
 
 def check_outputs(outputs: dict[str, np.ndarray], image_sizes: list[tuple[int, int]], score_threshold: float) -> None:
     """Shapes, dtypes, zero padding past NUM_DETECTIONS, boxes inside each (width, height) image, valid classes."""
-    batch, k = len(image_sizes), max_detections()
+    batch, k = len(image_sizes), CONTRACT.max_detections
     expected = {"NUM_DETECTIONS": (np.int32, (batch, 1)), "BOXES": (np.float32, (batch, k, 4)),
                 "SCORES": (np.float32, (batch, k)), "CLASSES": (np.int32, (batch, k))}
     for name, (dtype, shape) in expected.items():
@@ -139,7 +121,7 @@ def image_variants(board, board_bytes) -> list[tuple[bytes, tuple[int, int]]]:
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_single_image(triton_server, protocol, board_bytes, board):
     outputs = infer_raw(triton_server, protocol, [board_bytes])
-    check_outputs(outputs, [board.shape[::-1]], default_threshold("score_threshold"))
+    check_outputs(outputs, [board.shape[::-1]], CONTRACT.score_threshold)
     assert outputs["NUM_DETECTIONS"][0, 0] > 0, "a board with labelled defects yields detections"
 
 
@@ -147,7 +129,7 @@ def test_single_image(triton_server, protocol, board_bytes, board):
 def test_batch_matches_single_requests(triton_server, protocol, image_variants):
     encoded = [data for data, _ in image_variants]
     batched = infer_raw(triton_server, protocol, encoded)
-    check_outputs(batched, [size for _, size in image_variants], default_threshold("score_threshold"))
+    check_outputs(batched, [size for _, size in image_variants], CONTRACT.score_threshold)
     for index, data in enumerate(encoded):
         assert_same_detections(batched, infer_raw(triton_server, protocol, [data]), index_a=index)
 
@@ -240,7 +222,7 @@ def test_iou_threshold_override(triton_server, board_bytes, board):
     iou_threshold = 0.1
     default = infer_raw(triton_server, "grpc", [board_bytes])
     strict = infer_raw(triton_server, "grpc", [board_bytes], {"iou_threshold": iou_threshold})
-    check_outputs(strict, [board.shape[::-1]], default_threshold("score_threshold"))
+    check_outputs(strict, [board.shape[::-1]], CONTRACT.score_threshold)
     assert strict["NUM_DETECTIONS"][0, 0] <= default["NUM_DETECTIONS"][0, 0]
     boxes, _, classes = detections_of(strict)
     height, width = board.shape
@@ -310,7 +292,7 @@ def test_health_endpoints(triton_server):
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     try:
         assert client.is_server_live() and client.is_server_ready()
-        for model in ("preprocess", "pcb_defect_detector", "postprocess", PIPELINE):
+        for model in (CONTRACT.preprocess_model, CONTRACT.detector_model, CONTRACT.postprocess_model, PIPELINE):
             assert client.is_model_ready(model), model
     finally:
         client.close()

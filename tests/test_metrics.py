@@ -1,14 +1,13 @@
-"""tools.metrics against small cases worked out by hand (the arithmetic is in the comments)."""
+"""tools.eval.metrics against small cases worked out by hand (the arithmetic is in the comments)."""
 
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from tools.metrics import (
+from tools.eval.metrics import (
     average_precision_all_point,
     average_precision_uninterpolated,
-    box_iou,
     match_in_file_order,
     match_voc,
     operating_point,
@@ -16,6 +15,7 @@ from tools.metrics import (
     rank_detections,
     summarize,
 )
+from tools.detections import box_iou
 
 CLASS_NAMES = ("open", "short", "mousebite", "spur", "copper", "pin-hole")
 

@@ -4,16 +4,22 @@ from __future__ import annotations
 import pytest
 from tritonclient.grpc.model_config_pb2 import ModelInstanceGroup
 
-from tests.triton_configs import (
-    CONFIG_NAMES, config_files, dims_compatible, load_repository, model_dirs, onnx_io, parameter,
-    tensor_specs,
+from tests.triton_configs import config_files, dims_compatible, onnx_io, tensor_specs
+from tools.contract import (
+    CONFIG_NAMES, MODELS_ROOT, load_repository, model_dirs, parameter, read_model_config, served_contract,
 )
-from tools.pipeline_math import MODELS_ROOT, load_model_module, read_model_config
+from tools.pipeline_math import load_model_module
 
-PIPELINE = "pcb_pipeline"
-DETECTOR = "pcb_defect_detector"
-PYTHON_STEPS = ("preprocess", "postprocess")
-MAX_BATCH_SIZE = 32
+CONTRACT = served_contract()
+PIPELINE, DETECTOR = CONTRACT.pipeline_model, CONTRACT.detector_model
+PYTHON_STEPS = (CONTRACT.preprocess_model, CONTRACT.postprocess_model)
+MAX_BATCH_SIZE = 32  # the design's largest batch
+# Parameters that may differ between the GPU and CPU variant of a model, and why.
+DEVICE_PARAMETERS = {
+    "FORCE_CPU_ONLY_INPUT_TENSORS",  # GPU steps accept tensors in GPU memory
+    "onnx_file",  # the CPU detector runs ONNX Runtime; the GPU one a TensorRT plan
+    "intra_op_threads",  # ONNX Runtime threads, CPU only
+}
 CONFIG_IDS = ["default", "cpu"]
 
 
@@ -145,3 +151,28 @@ def test_postprocess_parameters(config_name):
         thresholds.parse_threshold(name, parameter(postprocess, name))
     k = tensor_specs(postprocess.output)["BOXES"][1][0]
     assert int(parameter(postprocess, "pre_nms_top_k")) >= k
+
+
+@pytest.mark.parametrize("model", [DETECTOR, *PYTHON_STEPS])
+def test_gpu_and_cpu_variants_carry_the_same_parameters(model):
+    """The operating point (thresholds, K, pad value, pixel limit) must not depend on the device."""
+    default, cpu = load_repository()[model], load_repository("cpu")[model]
+    shared = (set(default.parameters) | set(cpu.parameters)) - DEVICE_PARAMETERS
+    for key in sorted(shared):
+        assert parameter(default, key) == parameter(cpu, key), f"{model}: {key} differs between GPU and CPU configs"
+
+
+@pytest.mark.parametrize("config_name", CONFIG_NAMES, ids=CONFIG_IDS)
+def test_the_contract_reads_the_same_facts_from_either_variant(config_name):
+    contract = served_contract(config_name)
+    assert contract.pipeline_model == PIPELINE
+    assert contract.output_names == ("NUM_DETECTIONS", "BOXES", "SCORES", "CLASSES")
+    assert contract.image_input == "IMAGE" and contract.max_batch_size == MAX_BATCH_SIZE
+    assert contract.num_classes == len(contract.labels)
+    detector = load_repository(config_name)[DETECTOR]
+    assert list(detector.input[0].dims) == [contract.channels, contract.input_height, contract.input_width]
+    assert contract.typical_batch_size in contract.preferred_batch_sizes
+    gpu = served_contract()
+    for field in ("score_threshold", "iou_threshold", "pre_nms_top_k", "max_detections", "pad_value",
+                  "max_image_pixels", "labels", "input_height", "input_width", "channels"):
+        assert getattr(contract, field) == getattr(gpu, field), field

@@ -1,20 +1,16 @@
-"""tools.synth_boards: deterministic boards, DeepPCB-format output, truthful and tight defect boxes."""
+"""tools.data.synth_boards: deterministic boards, DeepPCB-format output, truthful and tight defect boxes."""
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from tools.deeppcb import CLASS_NAMES, read_split
-from tools.synth_boards import (
-    BOX_PADDING,
-    board_rng,
-    generate_pair,
-    inject_defects,
-    main,
-    render_board,
-    write_dataset,
-)
+from tools.data.deeppcb import CLASS_NAMES, read_split
+from tools.data.synth_boards.__main__ import main
+from tools.data.synth_boards.board import render_board
+from tools.data.synth_boards.dataset import board_rng, write_dataset
+from tools.data.synth_boards.defects import BOX_PADDING, inject_defects
+from tools.data.synth_boards.pair import generate_pair
 
 BOARD_COUNT = 6
 SEED = 3

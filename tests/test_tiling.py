@@ -5,11 +5,12 @@ import cv2
 import numpy as np
 import pytest
 
-from tools.client import Detections, InferenceFailed, PipelineClient
-from tools.deeppcb import read_split
-from tools.metrics import box_iou, match_in_file_order
-from tools.mosaic import stitch, write_mosaics
-from tools.tiling import (
+from tools.client.pipeline_client import InferenceFailed, PipelineClient
+from tools.data.deeppcb import read_split
+from tools.data.mosaic import stitch, write_mosaics
+from tools.detections import Detections, box_iou
+from tools.eval.metrics import match_in_file_order
+from tools.client.tiling import (
     DEFAULT_OVERLAP,
     EDGE_MARGIN,
     TileSpec,

@@ -5,8 +5,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tools import export_onnx, train_detector
-from tools.detector_net import PcbDefectDetector, grid_centers
+from tools.contract import served_contract
+from tools.data.splits import DEFAULT_SPLIT, ValidationSplit, check_model_split, recorded_split
+from tools.train import export as export_onnx, recipe as train_detector
+from tools.train.network import PcbDefectDetector, grid_centers
+
+CONTRACT = served_contract()
+
 
 def test_short_training_resumes_and_exports(tmp_path, monkeypatch, deeppcb_root):
     args = ["--data", str(deeppcb_root), "--out", str(tmp_path), "--batch", "2", "--steps-per-epoch", "2",
@@ -28,6 +33,8 @@ def test_short_training_resumes_and_exports(tmp_path, monkeypatch, deeppcb_root)
     history = torch.load(weights, weights_only=False)["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"]) for h in history)
+    with pytest.raises(SystemExit, match="started with"):
+        train_detector.train(train_detector.parse_args(args + ["--resume", "--split-seed", "1"]))
 
     onnx_path = tmp_path / "model.onnx"
     export_onnx.main(["--weights", str(weights), "--out", str(onnx_path), "--data", str(deeppcb_root),
@@ -36,13 +43,22 @@ def test_short_training_resumes_and_exports(tmp_path, monkeypatch, deeppcb_root)
     assert graph.opset_import[0].version >= 17
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     (images,), (output,) = session.get_inputs(), session.get_outputs()
-    assert (images.name, images.shape[1:]) == ("images", [1, 640, 640])
+    input_shape = [CONTRACT.channels, CONTRACT.input_height, CONTRACT.input_width]
+    assert (images.name, images.shape[1:]) == (CONTRACT.detector_input, input_shape)
     assert isinstance(images.shape[0], str), "batch must be dynamic"
-    result = session.run(None, {"images": np.zeros((3, 1, 640, 640), np.float32)})[0]
-    assert result.shape == (3, 10, 80 * 80)
-    assert output.name == "output0"
+    result = session.run(None, {images.name: np.zeros((3, *input_shape), np.float32)})[0]
+    assert result.shape == (3, 4 + CONTRACT.num_classes, (CONTRACT.input_size // 8) ** 2)
+    assert output.name == CONTRACT.detector_output
     scores = result[:, 4:]
     assert ((scores >= 0) & (scores <= 1)).all()
+
+    # The training split travels with the model: a tool choosing other "held-out" boards of the same list is refused.
+    record = recorded_split(onnx_path)
+    assert (record["fraction"], record["seed"]) == (DEFAULT_SPLIT.fraction, DEFAULT_SPLIT.seed)
+    trainval = deeppcb_root / "trainval.txt"
+    assert check_model_split(onnx_path, DEFAULT_SPLIT, trainval) is None
+    with pytest.raises(ValueError, match="some of the boards chosen now were trained on"):
+        check_model_split(onnx_path, ValidationSplit(0.3, 1), trainval)
 
 
 def test_assignment_prefers_smallest_box_and_centre_region():
@@ -68,10 +84,10 @@ def test_flip_rotate_keeps_boxes_on_the_same_pixels():
 
 
 def test_exported_boxes_are_centre_size_in_pixels():
-    model = PcbDefectDetector().eval()
+    model = PcbDefectDetector(num_classes=CONTRACT.num_classes).eval()
     with torch.no_grad():
         out = model(torch.rand(1, 1, 64, 64))
         distances, _ = model.raw_outputs(torch.rand(1, 1, 64, 64))
-    assert out.shape == (1, 10, 64)
+    assert out.shape == (1, 4 + CONTRACT.num_classes, 64)
     assert (out[0, 2] > 0).all() and (out[0, 3] > 0).all()
     assert (distances >= 0).all()

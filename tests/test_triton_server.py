@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tools.triton_server import REPO_ROOT, TritonServer, free_ports, trace_settings
+from tools.contract import REPO_ROOT
+from tools.serve.triton_server import TritonServer, free_ports, trace_settings
 
 ECHO_MODEL = '''
 import numpy as np
@@ -103,7 +104,7 @@ def wait_until_ready(http_port: int, process: subprocess.Popen, timeout_s: float
 def test_serve_cli_stops_cleanly_on_sigterm():
     http_port, grpc_port, metrics_port = free_ports(3)
     env = dict(os.environ, HTTP_PORT=str(http_port), GRPC_PORT=str(grpc_port), METRICS_PORT=str(metrics_port))
-    cli = subprocess.Popen([sys.executable, "-m", "tools.triton_server"], cwd=REPO_ROOT, env=env,
+    cli = subprocess.Popen([sys.executable, "-m", "tools.serve"], cwd=REPO_ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_until_ready(http_port, cli)

@@ -2,35 +2,28 @@
 
     python -m tools.demo [--images FOLDER] [--out out/demo] [--count 6] [--seed 0]
 
-Without ``--images`` it draws labelled synthetic boards with tools.synth_boards. It prints a table of the
+Without ``--images`` it draws labelled synthetic boards with tools.data.synth_boards. It prints a table of the
 defects found per image and writes ``detections.json`` and annotated pictures (``annotated/``) to ``--out``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-from tools.client import (
-    InferenceFailed,
-    PipelineClient,
-    detections_record,
-    detections_table,
-    find_images,
-    load_labels,
-    write_annotated,
-)
-from tools.deeppcb import Sample, read_split
-from tools.metrics import VOC_IOU_THRESHOLD, match_image
-from tools.triton_server import REPO_ROOT, TritonServer
+from tools.client.pipeline_client import InferenceFailed, PipelineClient
+from tools.client.results import detections_table, find_images, write_annotated, write_json
+from tools.contract import REPO_ROOT, served_contract
+from tools.data.deeppcb import Sample, read_split
+from tools.eval.metrics import VOC_IOU_THRESHOLD, match_image
+from tools.serve.triton_server import TritonServer
 
 BOARD_LIST_FILE = "test.txt"
 
 
 def synthetic_boards(out: Path, count: int, seed: int) -> list[Sample]:
-    subprocess.run([sys.executable, "-m", "tools.synth_boards", "--out", str(out), "--count", str(count),
+    subprocess.run([sys.executable, "-m", "tools.data.synth_boards", "--out", str(out), "--count", str(count),
                     "--seed", str(seed), "--list-file", BOARD_LIST_FILE], cwd=REPO_ROOT, check=True)
     return read_split(out, BOARD_LIST_FILE)
 
@@ -66,11 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         samples = synthetic_boards(args.out / "boards", args.count, args.seed)
         paths = [sample.image_path for sample in samples]
 
-    labels = load_labels()
+    contract = served_contract()
+    labels = contract.labels
     failures: dict[str, str] = {}
     print("Starting the Triton server (CPU configs)...", flush=True)
     with TritonServer.on_free_ports() as server:
-        print(f"Server ready (gRPC {server.grpc_url}); sending {len(paths)} images through pcb_pipeline", flush=True)
+        print(f"Server ready (gRPC {server.grpc_url}); sending {len(paths)} images through {contract.pipeline_model}", flush=True)
         with PipelineClient(server.grpc_url) as client:
             try:
                 results = client.infer_files(paths, score_threshold=args.score_threshold,
@@ -88,10 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"The boards carry {labelled} labelled defects; {found} of them were found "
               f"(same class, IoU > {VOC_IOU_THRESHOLD}).")
 
-    records = [detections_record(p, r, labels) if r is not None else {"file": str(p), "error": failures[str(p)]}
-               for p, r in zip(paths, results)]
     json_path = args.out / "detections.json"
-    json_path.write_text(json.dumps(records, indent=2))
+    write_json(json_path, paths, results, labels, failures)
     annotated = write_annotated(paths, results, labels, args.out / "annotated")
     print(f"Detections: {json_path}\nAnnotated images ({len(annotated)}): {args.out / 'annotated'}")
     if failures:

@@ -1,0 +1,63 @@
+"""Command-line argument groups that several tools share, so each flag is defined once.
+
+Each ``add_*`` adds a group to a parser; the matching reader turns the parsed flags into the library's
+object (a ``ValidationSplit``, a ``TileSpec``).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tools.client.tiling import DEFAULT_OVERLAP, TileSpec
+from tools.contract import MODELS_ROOT, served_contract
+from tools.data.deeppcb import DEFAULT_ROOT
+from tools.data.splits import DEFAULT_SPLIT, PARTS, ValidationSplit
+
+DEFAULT_GRPC_URL = "localhost:8001"
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, default_list: str, default_part: str | None) -> None:
+    """--data and --list; with ``default_part`` also --split and the split's --val-fraction/--split-seed."""
+    group = parser.add_argument_group("boards")
+    group.add_argument("--data", type=Path, default=DEFAULT_ROOT, help="DeepPCB-format folder")
+    group.add_argument("--list", default=default_list, help="list file inside --data (trainval.txt, test.txt)")
+    if default_part is not None:
+        group.add_argument("--split", choices=PARTS, default=default_part, help="part of the list to use")
+    add_split_arguments(group)
+
+
+def add_split_arguments(parser) -> None:
+    parser.add_argument("--val-fraction", type=float, default=DEFAULT_SPLIT.fraction,
+                        help="share of the list held out for validation")
+    parser.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT.seed, help="seed of the validation draw")
+
+
+def validation_split(args: argparse.Namespace) -> ValidationSplit:
+    return ValidationSplit(args.val_fraction, args.split_seed)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """--url, --start-server, --model-repository: which Triton to talk to, or one to start for the run."""
+    group = parser.add_argument_group("server")
+    group.add_argument("--url", default=DEFAULT_GRPC_URL, help="Triton gRPC address")
+    group.add_argument("--start-server", action="store_true",
+                       help="start a local Triton (CPU configs) on free ports for the run instead of using --url")
+    group.add_argument("--model-repository", type=Path, default=MODELS_ROOT,
+                       help="model repository whose configs state the contract (and that --start-server serves)")
+
+
+def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("whole-board scans")
+    group.add_argument("--tile", action="store_true",
+                       help="cut images larger than one tile into overlapping tiles at native resolution "
+                            "(whole-board scans) instead of letting the pipeline shrink them to the detector input")
+    group.add_argument("--tile-size", type=int, help="tile side in pixels (default: the detector input side)")
+    group.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP,
+                       help="pixels shared by neighbouring tiles; keep it wider than the largest defect")
+
+
+def tile_spec(args: argparse.Namespace) -> TileSpec | None:
+    if not args.tile:
+        return None
+    contract = served_contract(models_root=args.model_repository)
+    return TileSpec(args.tile_size or contract.input_size, args.tile_overlap, contract.iou_threshold)

@@ -1,0 +1,163 @@
+"""The served contract, read from the model repository's Triton configs with protobuf.
+
+This module is the one place tools and tests learn the facts the configs own: model names, tensor names,
+batch sizes, the detector input size, the pre/postprocess parameters, K and the class labels. Nothing else
+parses a config or repeats one of these values::
+
+    from tools.contract import served_contract
+    contract = served_contract()        # the default (production GPU) configs
+    cpu = served_contract("cpu")        # as tritonserver --model-config-name=cpu loads them
+    contract.pipeline_model, contract.image_input, contract.input_height, contract.score_threshold
+
+Config selection follows ``tritonserver --model-config-name=NAME``: a model's ``configs/NAME.pbtxt`` when it
+has one, else its ``config.pbtxt``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODELS_ROOT = REPO_ROOT / "models"
+CPU_CONFIG_NAME = "cpu"
+CONFIG_NAMES = (None, CPU_CONFIG_NAME)  # the default (GPU) configs and the CPU fallback
+LABELS_FILE = "labels.txt"  # in the detector's version folder
+BOX_COORDINATES = 4  # the detector output's first rows: cx, cy, w, h; one score row per class follows
+
+
+def read_model_config(path: Path) -> model_config_pb2.ModelConfig:
+    """Parse a Triton config.pbtxt (or configs/<name>.pbtxt) into its protobuf message."""
+    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+
+
+def model_dirs(models_root: Path = MODELS_ROOT) -> list[Path]:
+    return sorted(path.parent for path in Path(models_root).glob("*/config.pbtxt"))
+
+
+def config_path(model_dir: Path, config_name: str | None = None) -> Path:
+    custom = Path(model_dir) / "configs" / f"{config_name}.pbtxt"
+    return custom if config_name and custom.is_file() else Path(model_dir) / "config.pbtxt"
+
+
+def load_repository(config_name: str | None = None,
+                    models_root: Path = MODELS_ROOT) -> dict[str, model_config_pb2.ModelConfig]:
+    """{model name: config} for every model, as tritonserver --model-config-name=config_name loads them."""
+    return {path.name: read_model_config(config_path(path, config_name)) for path in model_dirs(models_root)}
+
+
+def parameter(config: model_config_pb2.ModelConfig, key: str) -> str:
+    """A config parameter's string value; KeyError naming the model when it is not set."""
+    if key not in config.parameters:
+        raise KeyError(f"{config.name} has no parameter {key!r}")
+    return config.parameters[key].string_value
+
+
+def tensor(tensors, name: str):
+    """The input or output called ``name`` of a config's tensor list; KeyError when there is none."""
+    for candidate in tensors:
+        if candidate.name == name:
+            return candidate
+    raise KeyError(f"no tensor {name!r} among {[t.name for t in tensors]}")
+
+
+def read_labels(path: Path) -> tuple[str, ...]:
+    """Class names, one per non-empty line, in class-id order."""
+    return tuple(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
+
+
+@dataclass(frozen=True)
+class ServedContract:
+    """What a client, a tool or a test may rely on, as the configs of one model repository state it."""
+
+    models_root: Path
+    config_name: str | None
+    pipeline_model: str  # the ensemble: one request with the encoded image, the detections back
+    preprocess_model: str  # the ensemble's steps, in order
+    detector_model: str
+    postprocess_model: str
+    image_input: str  # the ensemble's encoded-image input
+    output_names: tuple[str, ...]  # the ensemble's outputs: count, boxes, scores, classes
+    max_batch_size: int
+    preferred_batch_sizes: tuple[int, ...]  # the detector's dynamic batcher
+    detector_model_file: str  # the file Triton loads from the version folder ("" for a Python-backend detector)
+    detector_input: str
+    detector_output: str
+    geometry_output: str  # preprocess's letterbox geometry, read by postprocess
+    channels: int
+    input_height: int
+    input_width: int
+    num_classes: int
+    pad_value: float
+    max_image_pixels: int
+    score_threshold: float  # the deployed operating point; requests may override it
+    iou_threshold: float
+    pre_nms_top_k: int
+    max_detections: int  # K: rows of BOXES, SCORES and CLASSES
+    labels: tuple[str, ...]
+
+    @property
+    def typical_batch_size(self) -> int:
+        """The middle preferred batch size: what the batcher forms most under load. Clients send tiles this
+        many to a request, and the TensorRT profile is tuned for it."""
+        sizes = sorted(self.preferred_batch_sizes)
+        return sizes[len(sizes) // 2]
+
+    @property
+    def input_size(self) -> int:
+        """The detector input's side; the detector input is square."""
+        if self.input_height != self.input_width:
+            raise ValueError(f"detector input {self.input_height}x{self.input_width} is not square")
+        return self.input_height
+
+    @property
+    def detector_version_dir(self) -> Path:
+        """The detector's version folder: its ONNX models, engine, labels and model card."""
+        return self.models_root / self.detector_model / "1"
+
+
+@functools.lru_cache(maxsize=None)
+def served_contract(config_name: str | None = None, models_root: Path = MODELS_ROOT) -> ServedContract:
+    """The contract of ``models_root`` under ``--model-config-name=config_name`` (None: the default configs)."""
+    models_root = Path(models_root)
+    configs = load_repository(config_name, models_root)
+    ensembles = [config for config in configs.values() if config.platform == "ensemble"]
+    if len(ensembles) != 1:
+        raise ValueError(f"{models_root}: expected one ensemble, found {[c.name for c in ensembles]}")
+    pipeline = ensembles[0]
+    preprocess, detector, postprocess = (configs[step.model_name] for step in pipeline.ensemble_scheduling.step)
+    (image_input,) = pipeline.input
+    detector_input, detector_output = detector.input[0].name, detector.output[0].name
+    (geometry_output,) = [o.name for o in preprocess.output if o.name != detector_input]
+    channels, height, width = tensor(preprocess.output, detector_input).dims
+    output_names = tuple(output.name for output in pipeline.output)
+    return ServedContract(
+        models_root=models_root,
+        config_name=config_name,
+        pipeline_model=pipeline.name,
+        preprocess_model=preprocess.name,
+        detector_model=detector.name,
+        postprocess_model=postprocess.name,
+        image_input=image_input.name,
+        output_names=output_names,
+        max_batch_size=pipeline.max_batch_size,
+        preferred_batch_sizes=tuple(detector.dynamic_batching.preferred_batch_size),
+        detector_model_file=detector.default_model_filename,
+        detector_input=detector_input,
+        detector_output=detector_output,
+        geometry_output=geometry_output,
+        channels=channels,
+        input_height=height,
+        input_width=width,
+        num_classes=tensor(detector.output, detector_output).dims[0] - BOX_COORDINATES,
+        pad_value=float(parameter(preprocess, "pad_value")),
+        max_image_pixels=int(parameter(preprocess, "max_image_pixels")),
+        score_threshold=float(parameter(postprocess, "score_threshold")),
+        iou_threshold=float(parameter(postprocess, "iou_threshold")),
+        pre_nms_top_k=int(parameter(postprocess, "pre_nms_top_k")),
+        max_detections=tensor(postprocess.output, output_names[1]).dims[0],
+        labels=read_labels(models_root / detector.name / "1" / LABELS_FILE),
+    )

@@ -1,0 +1,100 @@
+"""The train/validation split of a DeepPCB-format list: one named object, recorded with every model.
+
+``DEFAULT_SPLIT`` is the split the shipped detector was trained with. Training writes the split it used, with
+a digest of the list it divided, into its checkpoint; export copies that into the ONNX metadata
+(``validation_split``); the tools that must not see training boards (evaluate ``--split val``, the FP16
+calibration, the export check) refuse a split other than the one the served model was trained with on the
+same list.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tools.data.deeppcb import DEFAULT_ROOT, Sample, read_split
+
+METADATA_KEY = "validation_split"
+PARTS = ("train", "val", "all")
+
+
+@dataclass(frozen=True)
+class ValidationSplit:
+    """``fraction`` of the boards, drawn with ``seed``, are held out for validation."""
+
+    fraction: float = 0.15
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.fraction < 1:
+            raise ValueError(f"validation fraction {self.fraction} must be in [0, 1)")
+
+    def divide(self, samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+        """(train, validation); both keep file order."""
+        order = list(range(len(samples)))
+        random.Random(self.seed).shuffle(order)
+        val_ids = set(order[: int(round(len(samples) * self.fraction))])
+        train = [s for i, s in enumerate(samples) if i not in val_ids]
+        val = [s for i, s in enumerate(samples) if i in val_ids]
+        return train, val
+
+    def part(self, samples: list[Sample], part: str) -> list[Sample]:
+        """The ``part`` ("train", "val" or "all") of ``samples``."""
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+        if part == "all":
+            return samples
+        train, val = self.divide(samples)
+        return val if part == "val" else train
+
+
+DEFAULT_SPLIT = ValidationSplit()
+
+
+def select_samples(data: Path, list_file: str, part: str, split: ValidationSplit = DEFAULT_SPLIT) -> list[Sample]:
+    """The boards of ``data/list_file``: all of them, or the train/val part of ``split``."""
+    return split.part(read_split(data, list_file), part)
+
+
+def held_out_boards(root: Path = DEFAULT_ROOT, split: ValidationSplit = DEFAULT_SPLIT) -> list[Path]:
+    """Inspected-board images (not templates) of the validation side of ``root``'s trainval, in file order."""
+    return [sample.image_path for sample in select_samples(root, "trainval.txt", "val", split)]
+
+
+def list_digest(list_path: Path) -> str:
+    """SHA-256 of a list file: which boards a model was trained on, without their paths."""
+    return hashlib.sha256(Path(list_path).read_bytes()).hexdigest()
+
+
+def split_record(split: ValidationSplit, list_path: Path) -> str:
+    """What a checkpoint and the exported model record: the split, and the list it divided."""
+    return json.dumps({**asdict(split), "list_sha256": list_digest(list_path)}, sort_keys=True)
+
+
+def recorded_split(onnx_path: Path) -> dict | None:
+    """The split record an exported detector carries in its metadata; None for a model that has none."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    recorded = {prop.key: prop.value for prop in model.metadata_props}
+    return json.loads(recorded[METADATA_KEY]) if METADATA_KEY in recorded else None
+
+
+def check_model_split(onnx_path: Path, split: ValidationSplit, list_path: Path) -> str | None:
+    """Raise ValueError when the detector at ``onnx_path`` was trained on ``list_path`` with a split other than
+    ``split``: the validation boards chosen now would include boards it learnt. Returns a warning to print when
+    the model records no split (a model trained elsewhere), None when the check passed or does not apply
+    (the model was trained on another list, so none of these boards are its training boards)."""
+    record = recorded_split(onnx_path)
+    if record is None:
+        return f"warning: {onnx_path} records no {METADATA_KEY}; cannot check that these boards were held out"
+    if record["list_sha256"] != list_digest(list_path):
+        return None
+    trained = ValidationSplit(record["fraction"], record["seed"])
+    if trained != split:
+        raise ValueError(f"{onnx_path} was trained on {list_path} with {trained}, not {split}: some of the boards "
+                         f"chosen now were trained on; use --val-fraction {trained.fraction} --split-seed "
+                         f"{trained.seed}")
+    return None

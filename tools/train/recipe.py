@@ -1,0 +1,277 @@
+"""Train the PCB defect detector on a DeepPCB-format folder (CPU, PyTorch).
+
+    python -m tools.train --data ../shared/datasets/deeppcb --out runs/detector
+    python -m tools.train --out runs/detector --resume      # continue after an interruption
+
+(the command line is ``tools/train/__main__.py``).
+
+Recipe: random square crops of the 640x640 boards (the network is fully convolutional and is served on the
+whole board), flips and 90-degree rotations (board artwork is Manhattan/45-degree, so these preserve labels),
+defect-free template crops as extra negatives, AdamW with a one-cycle schedule, an EMA of the weights,
+FCOS-style centre sampling on the stride-8 grid, a GIoU box loss and an IoU-aware focal class loss (the class
+score learns the box quality, which ranks detections well for AP and for NMS).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
+
+from tools.arguments import add_data_arguments, validation_split
+from tools.data.deeppcb import CLASS_NAMES, Sample, read_grey, read_split
+from tools.data.splits import split_record
+from tools.train.network import STRIDE, PcbDefectDetector, distances_to_xyxy, grid_centers
+
+CENTER_RADIUS = 2.5 * STRIDE  # anchors within this distance of a box centre (and inside the box) are positives
+MIN_VISIBLE_FRACTION = 0.5  # a box cut by a crop is kept when at least this much of it stays inside
+
+
+def random_crop(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, size: int, rng: np.random.Generator):
+    height, width = image.shape
+    y0 = int(rng.integers(0, height - size + 1))
+    x0 = int(rng.integers(0, width - size + 1))
+    crop = image[y0 : y0 + size, x0 : x0 + size]
+    shifted = boxes - np.array([x0, y0, x0, y0], dtype=np.float32)
+    clipped = np.clip(shifted, 0, size)
+    area = lambda b: (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)  # noqa: E731
+    keep = area(clipped) >= MIN_VISIBLE_FRACTION * area(shifted)
+    return crop, clipped[keep], classes[keep]
+
+
+def flip_rotate(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator):
+    """Random horizontal/vertical flip and 90-degree rotation of a square image and its boxes."""
+    size = image.shape[0]
+    boxes = boxes.copy()
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+        boxes[:, [0, 2]] = size - boxes[:, [2, 0]]
+    if rng.random() < 0.5:
+        image = image[::-1, :]
+        boxes[:, [1, 3]] = size - boxes[:, [3, 1]]
+    if rng.random() < 0.5:  # transpose = rotation by 90 degrees combined with the flips above
+        image = image.T
+        boxes = boxes[:, [1, 0, 3, 2]]
+    return np.ascontiguousarray(image), boxes
+
+
+class CropSampler:
+    """Draws augmented training crops; a fraction of them are defect-free templates (pure negatives)."""
+
+    def __init__(self, samples: list[Sample], crop: int, template_fraction: float, seed: int):
+        self.samples = samples
+        self.images = [read_grey(s.image_path) for s in tqdm(samples, desc="loading boards", leave=False)]
+        self.templates = [read_grey(s.template_path) if s.template_path.exists() else None for s in samples]
+        self.crop = crop
+        self.template_fraction = template_fraction
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, size: int):
+        images, targets = [], []
+        for _ in range(size):
+            i = int(self.rng.integers(len(self.samples)))
+            sample, image = self.samples[i], self.images[i]
+            boxes, classes = sample.boxes, sample.classes
+            if self.templates[i] is not None and self.rng.random() < self.template_fraction:
+                image, boxes, classes = self.templates[i], boxes[:0], classes[:0]
+            crop, boxes, classes = random_crop(image, boxes, classes, self.crop, self.rng)
+            crop, boxes = flip_rotate(crop, boxes, self.rng)
+            images.append(crop)
+            targets.append((torch.from_numpy(boxes), torch.from_numpy(classes)))
+        tensor = torch.from_numpy(np.stack(images)[:, None].astype(np.float32) / 255.0)
+        return tensor, targets
+
+
+def assign(centers: torch.Tensor, boxes: torch.Tensor):
+    """For each anchor centre, the index of the ground-truth box it learns (-1 for background).
+
+    Positives lie inside a box and within CENTER_RADIUS of its centre; ties go to the smallest box.
+    """
+    if len(boxes) == 0:
+        return torch.full((len(centers),), -1, dtype=torch.long)
+    x, y = centers[:, :1], centers[:, 1:]
+    inside = (x > boxes[:, 0]) & (x < boxes[:, 2]) & (y > boxes[:, 1]) & (y < boxes[:, 3])
+    box_cx, box_cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    near = ((x - box_cx).abs() < CENTER_RADIUS) & ((y - box_cy).abs() < CENTER_RADIUS)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    cost = torch.where(inside & near, area, torch.full_like(area, float("inf")).expand_as(inside))
+    best_cost, best = cost.min(dim=1)
+    return torch.where(torch.isfinite(best_cost), best, torch.full_like(best, -1))
+
+
+def iou_and_giou(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element-wise IoU and generalised IoU of two [n,4] xyxy box sets."""
+    lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(1)
+    union = (a[:, 2:] - a[:, :2]).prod(1) + (b[:, 2:] - b[:, :2]).prod(1) - inter
+    iou = inter / union.clamp(min=1e-6)
+    hull = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).prod(1)
+    return iou, iou - (hull - union) / hull.clamp(min=1e-6)
+
+
+def detection_loss(distances, logits, targets, centers, box_weight: float = 2.0):
+    """IoU-aware focal class loss (quality focal loss) + GIoU box loss, normalised by the positives."""
+    class_targets = torch.zeros_like(logits)
+    box_losses, num_positive = [], 0
+    for b, (gt_boxes, gt_classes) in enumerate(targets):
+        matched = assign(centers, gt_boxes)
+        positive = matched >= 0
+        if not positive.any():
+            continue
+        predicted = distances_to_xyxy(centers[positive], distances[b, positive])
+        target_boxes = gt_boxes[matched[positive]]
+        iou, giou = iou_and_giou(predicted, target_boxes)
+        box_losses.append((1 - giou).sum())
+        class_targets[b, positive.nonzero()[:, 0], gt_classes[matched[positive]]] = iou.detach().clamp(min=0.01)
+        num_positive += int(positive.sum())
+    probabilities = logits.sigmoid()
+    focal_weight = (class_targets - probabilities).abs().pow(2)
+    class_loss = (F.binary_cross_entropy_with_logits(logits, class_targets, reduction="none") * focal_weight).sum()
+    normaliser = max(num_positive, 1)
+    box_loss = torch.stack(box_losses).sum() if box_losses else distances.sum() * 0
+    return (class_loss + box_weight * box_loss) / normaliser, class_loss.item() / normaliser, box_loss.item() / normaliser
+
+
+@torch.no_grad()
+def validation_loss(model, samples: list[Sample], batch: int = 8) -> float:
+    """Mean loss over whole boards (all of one size, as in DeepPCB)."""
+    model.eval()
+    total = 0.0
+    for start in range(0, len(samples), batch):
+        chunk = samples[start : start + batch]
+        images = torch.from_numpy(np.stack([read_grey(s.image_path) for s in chunk])[:, None].astype(np.float32) / 255)
+        centers = grid_centers(*images.shape[2:])
+        targets = [(torch.from_numpy(s.boxes), torch.from_numpy(s.classes)) for s in chunk]
+        distances, logits = model.raw_outputs(images)
+        total += detection_loss(distances, logits, targets, centers)[0].item() * len(chunk)
+    return total / max(len(samples), 1)
+
+
+def ramped_ema(decay: float, ramp_steps: float = 300.0):
+    """EMA update whose decay ramps up from 0, so the average is not dragged towards the random initial weights."""
+
+    def update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        d = decay * (1 - torch.exp(-num_averaged.float() / ramp_steps))
+        return d * averaged + (1 - d) * current
+
+    return update
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: an interrupted save never corrupts the last good checkpoint
+
+
+def train(args: argparse.Namespace) -> Path:
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = read_split(Path(args.data), args.list)
+    if args.limit:
+        samples = samples[: args.limit]
+    split = validation_split(args)
+    train_samples, val_samples = split.divide(samples)
+    # The split, and the list it divided, travel with the weights: tools that must not see training boards check it.
+    split_json = split_record(split, Path(args.data) / args.list)
+    sampler = CropSampler(train_samples, args.crop, args.template_fraction, args.seed)
+
+    model = PcbDefectDetector(num_classes=len(CLASS_NAMES))
+    ema = AveragedModel(model, avg_fn=ramped_ema(args.ema_decay), use_buffers=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    total_steps = args.epochs * args.steps_per_epoch
+    warmup = min(0.5, max(0.1, 2.0 / total_steps))  # OneCycleLR needs at least two warm-up steps
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=warmup)
+    start_epoch, history = 0, []
+    checkpoint_path = out / "last.pt"
+    if args.resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=False)
+        planned = {k: state["args"][k] for k in ("epochs", "steps_per_epoch")}
+        if planned != {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch}:
+            raise SystemExit(f"--resume continues the run as planned: pass the same {planned}")
+        if state.get("validation_split", split_json) != split_json:
+            raise SystemExit(f"--resume continues the run as planned: it was started with {state['validation_split']}")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.rng.bit_generator.state = state["sampler_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, history = state["epoch"], state["history"]
+        print(f"resumed from {checkpoint_path} at epoch {start_epoch}")
+
+    centers = grid_centers(args.crop, args.crop)
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        progress = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}")
+        running = []
+        for _ in progress:
+            images, targets = sampler.batch(args.batch)
+            distances, logits = model.raw_outputs(images)
+            loss, class_loss, box_loss = detection_loss(distances, logits, targets, centers)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            optimizer.step()
+            scheduler.step()
+            ema.update_parameters(model)
+            running.append(loss.item())
+            progress.set_postfix(loss=f"{np.mean(running[-20:]):.3f}", cls=f"{class_loss:.3f}", box=f"{box_loss:.3f}")
+        record = {"epoch": epoch + 1, "train_loss": float(np.mean(running))}
+        if val_samples and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
+            record["val_loss"] = validation_loss(ema.module, val_samples)
+        history.append(record)
+        print(json.dumps(record))
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sampler_rng": sampler.rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch + 1,
+                "history": history,
+                "args": vars(args),
+                "validation_split": split_json,
+            },
+        )
+    weights_path = out / "detector.pt"
+    torch.save({"weights": ema.module.state_dict(), "history": history, "args": vars(args),
+                "validation_split": split_json}, weights_path)
+    print(f"wrote {weights_path}")
+    return weights_path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_arguments(parser, default_list="trainval.txt", default_part=None)
+    parser.add_argument("--out", default="runs/detector", help="checkpoints and final weights go here")
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--steps-per-epoch", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--crop", type=int, default=320, help="square training crop, a multiple of 32")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--ema-decay", type=float, default=0.998)
+    parser.add_argument("--template-fraction", type=float, default=0.1, help="share of crops taken from templates")
+    parser.add_argument("--val-every", type=int, default=6, help="epochs between validation losses")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the crops, augmentation and initial weights")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N samples (smoke runs)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    args = parser.parse_args(argv)
+    if args.crop % 32:
+        parser.error("--crop must be a multiple of 32")
+    if args.epochs * args.steps_per_epoch < 3:
+        parser.error("train for at least 3 steps in all")
+    return args
