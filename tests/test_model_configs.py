@@ -85,7 +85,7 @@ def test_gpu_and_cpu_variants_have_the_same_interface(model):
 @pytest.mark.parametrize("config_name", CONFIG_NAMES, ids=CONFIG_IDS)
 def test_detector_config_matches_the_onnx_model(config_name):
     detector = load_repository(config_name)[DETECTOR]
-    onnx_inputs, onnx_outputs = onnx_io(MODELS_ROOT / DETECTOR / "1" / "model.onnx")
+    onnx_inputs, onnx_outputs = onnx_io(CONTRACT.detector_onnx)
     for config_tensors, onnx_tensors in ((detector.input, onnx_inputs), (detector.output, onnx_outputs)):
         assert set(tensor_specs(config_tensors)) == set(onnx_tensors)
         for name, (data_type, dims) in tensor_specs(config_tensors).items():
@@ -129,7 +129,7 @@ def test_cpu_configs_run_python_on_cpu_with_dynamic_batching(model):
 
 def test_cpu_detector_parameters():
     detector = load_repository("cpu")[DETECTOR]
-    assert (MODELS_ROOT / DETECTOR / "1" / parameter(detector, "onnx_file")).is_file()
+    assert CONTRACT.detector_version_dir / parameter(detector, "onnx_file") == CONTRACT.detector_onnx
     assert int(parameter(detector, "intra_op_threads")) >= 1
 
 

@@ -30,10 +30,12 @@ def add_split_arguments(parser) -> None:
     parser.add_argument("--val-fraction", type=float, default=DEFAULT_SPLIT.fraction,
                         help="share of the list held out for validation")
     parser.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT.seed, help="seed of the validation draw")
+    parser.add_argument("--val-groups", nargs="+", default=list(DEFAULT_SPLIT.groups), metavar="GROUP",
+                        help="hold out these whole groups (board designs, e.g. group20085) instead of a random draw")
 
 
 def validation_split(args: argparse.Namespace) -> ValidationSplit:
-    return ValidationSplit(args.val_fraction, args.split_seed)
+    return ValidationSplit(args.val_fraction, args.split_seed, tuple(args.val_groups))
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:

@@ -118,6 +118,11 @@ class ServedContract:
         """The detector's version folder: its ONNX models, engine, labels and model card."""
         return self.models_root / self.detector_model / "1"
 
+    @property
+    def detector_onnx(self) -> Path:
+        """The FP32 ONNX detector: the CPU fallback serves it; the FP16 graph and the engine are built from it."""
+        return self.detector_version_dir / "model.onnx"
+
 
 @functools.lru_cache(maxsize=None)
 def served_contract(config_name: str | None = None, models_root: Path = MODELS_ROOT) -> ServedContract:

@@ -29,8 +29,8 @@ def load_model_module(model: str, module: str):
     return loaded
 
 
-image_ops = load_model_module("preprocess", "image_ops")
-box_ops = load_model_module("postprocess", "box_ops")
+image_ops = load_model_module(served_contract().preprocess_model, "image_ops")
+box_ops = load_model_module(served_contract().postprocess_model, "box_ops")
 ImageRejected = image_ops.ImageRejected
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,23 +23,37 @@ PARTS = ("train", "val", "all")
 
 @dataclass(frozen=True)
 class ValidationSplit:
-    """``fraction`` of the boards, drawn with ``seed``, are held out for validation."""
+    """``fraction`` of the boards, drawn with ``seed``, are held out for validation; or, with ``groups``,
+    whole DeepPCB groups (board designs), which measures accuracy on designs never seen in training."""
 
     fraction: float = 0.15
     seed: int = 0
+    groups: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not 0 <= self.fraction < 1:
             raise ValueError(f"validation fraction {self.fraction} must be in [0, 1)")
+        object.__setattr__(self, "groups", tuple(sorted(self.groups)))
 
     def divide(self, samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
         """(train, validation); both keep file order."""
-        order = list(range(len(samples)))
-        random.Random(self.seed).shuffle(order)
-        val_ids = set(order[: int(round(len(samples) * self.fraction))])
+        if self.groups:
+            val_ids = {i for i, s in enumerate(samples) if sample_group(s) in self.groups}
+            missing = set(self.groups) - {sample_group(s) for s in samples}
+            if missing:
+                raise ValueError(f"no boards of the held-out groups {sorted(missing)}")
+        else:
+            order = list(range(len(samples)))
+            random.Random(self.seed).shuffle(order)
+            val_ids = set(order[: int(round(len(samples) * self.fraction))])
         train = [s for i, s in enumerate(samples) if i not in val_ids]
         val = [s for i, s in enumerate(samples) if i in val_ids]
         return train, val
+
+    @classmethod
+    def from_record(cls, record: dict) -> "ValidationSplit":
+        """The split of a ``split_record`` (records written before groups existed have none)."""
+        return cls(record["fraction"], record["seed"], tuple(record.get("groups", ())))
 
     def part(self, samples: list[Sample], part: str) -> list[Sample]:
         """The ``part`` ("train", "val" or "all") of ``samples``."""
@@ -51,6 +66,11 @@ class ValidationSplit:
 
 
 DEFAULT_SPLIT = ValidationSplit()
+
+
+def sample_group(sample: Sample) -> str:
+    """The DeepPCB group (one board design) of a sample: ``groupNNNNN`` in ``groupNNNNN/NNNNN/ID_test.jpg``."""
+    return sample.image_path.parent.parent.name
 
 
 def select_samples(data: Path, list_file: str, part: str, split: ValidationSplit = DEFAULT_SPLIT) -> list[Sample]:
@@ -82,19 +102,26 @@ def recorded_split(onnx_path: Path) -> dict | None:
     return json.loads(recorded[METADATA_KEY]) if METADATA_KEY in recorded else None
 
 
-def check_model_split(onnx_path: Path, split: ValidationSplit, list_path: Path) -> str | None:
+def check_model_split(onnx_path: Path, split: ValidationSplit, list_path: Path) -> None:
     """Raise ValueError when the detector at ``onnx_path`` was trained on ``list_path`` with a split other than
-    ``split``: the validation boards chosen now would include boards it learnt. Returns a warning to print when
-    the model records no split (a model trained elsewhere), None when the check passed or does not apply
-    (the model was trained on another list, so none of these boards are its training boards)."""
+    ``split``: the validation boards chosen now would include boards it learnt. Warns when the model records
+    no split (a model trained elsewhere); passes when the model was trained on another list, since none of
+    these boards are then its training boards."""
     record = recorded_split(onnx_path)
     if record is None:
-        return f"warning: {onnx_path} records no {METADATA_KEY}; cannot check that these boards were held out"
+        warnings.warn(f"{onnx_path} records no {METADATA_KEY}; cannot check that these boards were held out",
+                      stacklevel=2)
+        return
     if record["list_sha256"] != list_digest(list_path):
-        return None
-    trained = ValidationSplit(record["fraction"], record["seed"])
+        return
+    trained = ValidationSplit.from_record(record)
     if trained != split:
         raise ValueError(f"{onnx_path} was trained on {list_path} with {trained}, not {split}: some of the boards "
-                         f"chosen now were trained on; use --val-fraction {trained.fraction} --split-seed "
-                         f"{trained.seed}")
-    return None
+                         f"chosen now were trained on; choose the boards with {split_flags(trained)}")
+
+
+def split_flags(split: ValidationSplit) -> str:
+    """The command-line flags that select ``split``."""
+    if split.groups:
+        return "--val-groups " + " ".join(split.groups)
+    return f"--val-fraction {split.fraction} --split-seed {split.seed}"

@@ -36,7 +36,7 @@ from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, Network
 from tools.contract import read_model_config, served_contract
 
 CONTRACT = served_contract()
-DEFAULT_ONNX = CONTRACT.detector_version_dir / "model.fp16.onnx"
+DEFAULT_ONNX = CONTRACT.detector_onnx.with_name("model.fp16.onnx")
 DEFAULT_ENGINE = CONTRACT.detector_version_dir / CONTRACT.detector_model_file
 DEFAULT_CONFIG = CONTRACT.models_root / CONTRACT.detector_model / "config.pbtxt"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / CONTRACT.detector_model / "tensorrt-timing"

@@ -39,9 +39,8 @@ from tools.data.deeppcb import DEFAULT_ROOT
 from tools.data.splits import DEFAULT_SPLIT, check_model_split, held_out_boards
 from tools.engine.agreement import compare_outputs, onnxruntime_runner, run_in_batches
 
-MODEL_DIR = served_contract().detector_version_dir
-DEFAULT_SOURCE = MODEL_DIR / "model.onnx"
-DEFAULT_OUTPUT = MODEL_DIR / "model.fp16.onnx"
+DEFAULT_SOURCE = served_contract().detector_onnx
+DEFAULT_OUTPUT = DEFAULT_SOURCE.with_name("model.fp16.onnx")
 
 # Layers that carry learned weights; everything downstream of the last of them is decoding arithmetic.
 WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -185,9 +184,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Calibration and the check must use boards the detector never trained on.
-    warning = check_model_split(args.source, DEFAULT_SPLIT, args.data / "trainval.txt")
-    if warning:
-        print(warning)
+    check_model_split(args.source, DEFAULT_SPLIT, args.data / "trainval.txt")
     boards = held_out_boards(args.data)
     wanted = args.calibration_boards + args.check_boards
     if len(boards) < wanted:

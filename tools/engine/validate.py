@@ -30,7 +30,7 @@ from tools.engine.agreement import (
     run_in_batches,
 )
 
-DEFAULT_REFERENCE = DEFAULT_ENGINE.parent / "model.onnx"
+DEFAULT_REFERENCE = served_contract().detector_onnx
 
 
 @contextmanager
@@ -63,9 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    warning = check_model_split(args.reference, DEFAULT_SPLIT, args.data / "trainval.txt")
-    if warning:
-        print(warning)
+    check_model_split(args.reference, DEFAULT_SPLIT, args.data / "trainval.txt")
     images, geometry = load_boards(held_out_boards(args.data)[: args.boards])
     reference = run_in_batches(onnxruntime_runner(args.reference), images, args.batch_size, "FP32 ONNX Runtime")
     try:

@@ -45,10 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     contract = served_contract(models_root=args.model_repository)
 
     if args.split != "all":
-        detector_onnx = contract.models_root / contract.detector_model / "1" / "model.onnx"
-        warning = check_model_split(detector_onnx, split, args.data / args.list)
-        if warning:
-            print(warning)
+        check_model_split(contract.detector_onnx, split, args.data / args.list)
     samples = select_samples(args.data, args.list, args.split, split)[: args.limit]
     if not samples:
         raise SystemExit(f"no boards selected from {args.data / args.list} (split {args.split})")

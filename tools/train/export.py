@@ -27,7 +27,7 @@ from tools.train.network import STRIDE, PcbDefectDetector
 
 OPSET = 17
 CONTRACT = served_contract()
-DEFAULT_OUT = CONTRACT.models_root / CONTRACT.detector_model / "1" / "model.onnx"
+DEFAULT_OUT = CONTRACT.detector_onnx
 
 
 def load_detector(weights: Path) -> tuple[PcbDefectDetector, str]:
@@ -98,8 +98,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     model, split_record = load_detector(args.weights)
     export(model, split_record, args.out)
-    trained_split = json.loads(split_record)
-    held_out = held_out_boards(args.data, ValidationSplit(trained_split["fraction"], trained_split["seed"]))
+    held_out = held_out_boards(args.data, ValidationSplit.from_record(json.loads(split_record)))
     boards, _ = load_boards(held_out[: args.check_images])
     worst = check_against_torch(model, args.out, boards)
     size_mb = args.out.stat().st_size / 1e6
