@@ -1,8 +1,9 @@
 """Shared fixtures (a real Triton server on the CPU model repository, labelled sample boards) and the test tiers.
 
 Tiers are markers, applied here from what a test uses, so no test has to remember them:
-``live`` (the tritonserver fixture), ``data`` (the DeepPCB trainval folder), ``slow`` (over a few seconds
-alone; listed in SLOW_TESTS), ``gpu`` (NVIDIA GPU; such tests mark themselves and skip without one).
+``live`` (the tritonserver fixture), ``data`` (the DeepPCB trainval folder), ``slow`` (a fixture in
+SLOW_FIXTURES, which takes several seconds), ``gpu`` (NVIDIA GPU; such tests mark themselves and skip
+without one).
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ SYNTHETIC_BOARD_COUNT = 6
 DEEPPCB_BOARD_COUNT = 8
 
 
-# Tests that need no server but take several seconds each (measured with --durations).
-SLOW_TESTS = {
-    "test_short_training_resumes_and_exports",
+# Fixtures that need no server but take several seconds (measured with --durations).
+SLOW_FIXTURES = {
+    "converted",  # tests/test_fp16_conversion.py: the FP16 conversion of the detector, ~10 s
 }
 
 
@@ -35,7 +36,7 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.live)
         if "deeppcb_root" in fixtures:
             item.add_marker(pytest.mark.data)
-        if item.originalname in SLOW_TESTS:
+        if fixtures & SLOW_FIXTURES:
             item.add_marker(pytest.mark.slow)
 
 
