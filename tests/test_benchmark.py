@@ -1,9 +1,25 @@
-"""tools.benchmark without timing anything: the perf_analyzer input encoding and the report rendering."""
+"""tools.eval.benchmark without asserting any timing: the perf_analyzer input encoding, the statistics deltas,
+the report rendering, and a smoke run of every part against the live server with very short windows."""
 import base64
+import importlib.util
 import json
 import struct
 
-from tools.benchmark import Measurement, markdown_report, write_perf_analyzer_input
+import pytest
+
+from tools.contract import CPU_CONFIG_NAME, served_contract
+from tools.eval.benchmark.__main__ import main
+from tools.eval.benchmark.bare_detector import ServedDetector, bare_batch_sizes
+from tools.eval.benchmark.perf_analyzer import (
+    Measurement,
+    PerfAnalyzerUnavailable,
+    cuda_runtime_library_dir,
+    write_perf_analyzer_input,
+)
+from tools.eval.benchmark.report import PLOT_FILE, markdown_report
+from tools.eval.benchmark.server_stats import PHASES, ModelCounters, stage_breakdown, stage_models
+
+CONTRACT = served_contract(CPU_CONFIG_NAME)
 
 
 def test_perf_analyzer_input_is_length_prefixed_encoded_boards(tmp_path):
@@ -11,10 +27,10 @@ def test_perf_analyzer_input_is_length_prefixed_encoded_boards(tmp_path):
     boards = [tmp_path / "a.jpg", tmp_path / "b.png"]
     boards[0].write_bytes(b"\xff\xd8jpeg\x00")
     boards[1].write_bytes(b"\x89PNG")
-    write_perf_analyzer_input(boards, tmp_path / "input.json")
+    write_perf_analyzer_input(boards, tmp_path / "input.json", CONTRACT.image_input)
     entries = json.loads((tmp_path / "input.json").read_text())["data"]
-    assert [e["IMAGE"]["shape"] for e in entries] == [[1], [1]]
-    decoded = [base64.b64decode(e["IMAGE"]["content"]["b64"]) for e in entries]
+    assert [e[CONTRACT.image_input]["shape"] for e in entries] == [[1], [1]]
+    decoded = [base64.b64decode(e[CONTRACT.image_input]["content"]["b64"]) for e in entries]
     assert decoded == [struct.pack("<I", 7) + b"\xff\xd8jpeg\x00", struct.pack("<I", 4) + b"\x89PNG"]
 
 
@@ -24,15 +40,79 @@ def test_measurement_flags():
     ]
 
 
+def test_missing_nvidia_namespace_says_what_to_install(monkeypatch):
+    # Without any nvidia.* package, find_spec("nvidia.cuda_runtime") raises instead of returning None.
+    def no_nvidia(name, *args):
+        raise ModuleNotFoundError("No module named 'nvidia'")
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_nvidia)
+    with pytest.raises(PerfAnalyzerUnavailable, match="nvidia-cuda-runtime-cu12"):
+        cuda_runtime_library_dir()
+
+
+def test_stage_breakdown_is_per_request_over_the_level():
+    before = ModelCounters(10, 10_000_000, 10, 10, {phase: 1_000_000 for phase in PHASES})
+    after = ModelCounters(14, 50_000_000, 12, 14, {phase: 9_000_000 for phase in PHASES})
+    stages = stage_breakdown({"detector": before}, {"detector": after})["detector"]
+    assert stages["requests"] == 4
+    assert stages["mean_batch"] == 2.0
+    assert stages["request_ms"] == 10.0
+    assert stages["compute_infer_ms"] == 2.0
+
+
 def test_report_compares_with_the_targets():
+    stages = {"requests": 4, "mean_batch": 1.0, "request_ms": 9.0,
+              **{f"{phase}_ms": 1.0 for phase in PHASES}}
     row = {"concurrency": 2, "throughput_per_s": 600.0, "p50_ms": 20.0, "p90_ms": 40.0, "p99_ms": 120.0,
-           "meets_throughput_target": True, "meets_p50_target": True, "meets_p99_target": False}
+           "meets_throughput_target": True, "meets_p50_target": True, "meets_p99_target": False,
+           "stages": {CONTRACT.detector_model: stages}}
     report = {
         "machine": {"cpus": 2, "gpu": False},
-        "server": {"tool": "perf_analyzer", "note": "", "url": "x", "model": "pcb_pipeline", "boards": 4,
-                   "measurement": {"window_ms": 2000, "max_trials": 4, "stability_percent": 10.0},
-                   "targets": {"throughput_per_s": 500.0, "p50_ms": 50.0, "p99_ms": 100.0}, "results": [row]},
+        "pipeline": {"tool": "perf_analyzer", "note": "", "url": "x", "model": CONTRACT.pipeline_model,
+                     "stage_models": [CONTRACT.detector_model], "boards": 4, "score_threshold": None,
+                     "default_score_threshold": CONTRACT.score_threshold,
+                     "measurement": {"window_ms": 2000, "max_trials": 4, "stability_percent": 10.0},
+                     "targets": {"throughput_per_s": 500.0, "p50_ms": 50.0, "p99_ms": 100.0}, "results": [row]},
     }
     text = markdown_report(report)
     assert "| 2 | 600.0 | 20.0 | 40.0 | 120.0 | throughput, p50 |" in text
     assert "The GPU design targets are not met here." in text
+    assert f"| 2 | {CONTRACT.detector_model} | 4 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 9.00 |" in text
+
+
+def test_benchmark_all_parts_against_the_live_server(triton_server, deeppcb_root, tmp_path):
+    report = main([
+        "all", "--url", triton_server.grpc_url, "--data", str(deeppcb_root), "--out", str(tmp_path),
+        "--boards", "4", "--warmup", "0", "--runs", "1", "--concurrency", "1", "2",
+        "--measurement-ms", "250", "--max-trials", "3", "--stability-percentage", "1000",
+        "--score-threshold", str(CONTRACT.score_threshold),  # exercises the request parameter, same work
+    ])  # fmt: skip
+
+    detector = ServedDetector.from_cpu_config(CONTRACT)
+    bare = report["bare_detector"]
+    assert (bare["model"], bare["intra_op_threads"]) == (str(detector.model_path), detector.intra_op_threads)
+    assert [r["batch"] for r in bare["results"]] == bare_batch_sizes(CONTRACT)
+
+    pipeline = report["pipeline"]
+    assert pipeline["tool"] == "perf_analyzer", pipeline["note"]
+    assert [r["concurrency"] for r in pipeline["results"]] == [1, 2]
+    models = stage_models(CONTRACT)
+    for row in pipeline["results"]:
+        assert set(row["stages"]) == set(models)
+        assert all(row["stages"][model]["requests"] > 0 for model in models)
+
+    assert None not in report["comparison"].values()
+
+    memory = report["memory"]
+    assert memory["available"], memory.get("reason")
+    assert memory["server"]["rss_mib"] > 0
+    python_models = {CONTRACT.preprocess_model, CONTRACT.detector_model, CONTRACT.postprocess_model}
+    assert {stub["model"] for stub in memory["stubs"]} == python_models  # all Python backend on CPU
+    assert all(stub["rss_mib"] > 0 for stub in memory["stubs"])
+
+    assert json.loads((tmp_path / "benchmark.json").read_text())["pipeline"]["tool"] == "perf_analyzer"
+    assert (tmp_path / PLOT_FILE).stat().st_size > 0
+    text = (tmp_path / "benchmark.md").read_text()
+    for heading in ("## Detector alone", "## End to end", "## Pipeline against the bare detector",
+                    "## Where the time goes", "## Resident memory"):
+        assert heading in text

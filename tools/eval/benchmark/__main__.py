@@ -1,0 +1,92 @@
+"""Speed figures for the detector alone and the served pipeline (prints them; nothing here asserts timings).
+
+    python -m tools.eval.benchmark onnx              # the detector alone on ONNX Runtime
+    python -m tools.eval.benchmark server --url localhost:8001 --concurrency 1 2 4 8
+    python -m tools.eval.benchmark all --start-server
+
+``onnx`` times the ONNX file the CPU detector config serves, with that config's intra-op threads, on real
+boards preprocessed as served: batch 1 and the detector's preferred batch sizes. ``server`` drives the live
+pipeline over gRPC with perf_analyzer (the Python client when perf_analyzer cannot run, labelled so),
+sweeping client concurrency; for each level it takes the per-model queue and compute times from Triton's
+statistics, and after the sweep the resident memory of tritonserver and its Python backend stubs. ``all``
+does both and compares them. Results land in ``--out``: benchmark.json, benchmark.md and
+latency_throughput.png.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tools.arguments import add_data_arguments, add_server_arguments, validation_split
+from tools.contract import CPU_CONFIG_NAME, served_contract
+from tools.data.splits import select_samples
+from tools.eval.benchmark.bare_detector import ServedDetector, bare_batch_sizes, time_bare_detector
+from tools.eval.benchmark.memory import server_memory
+from tools.eval.benchmark.perf_analyzer import Measurement
+from tools.eval.benchmark.report import machine_description, markdown_report, pipeline_against_bare, write_report
+from tools.eval.benchmark.sweep import CLIENTS, pipeline_sweep
+from tools.serve.triton_server import serving
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tools.eval.benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["onnx", "server", "all"])
+    parser.add_argument("--out", type=Path, default=Path("reports/benchmark"))
+    parser.add_argument("--boards", type=int, help="distinct boards, sent round-robin (default: the largest batch)")
+    add_data_arguments(parser, "trainval.txt", "val")
+    bare = parser.add_argument_group("detector alone")
+    bare.add_argument("--warmup", type=int, default=5, help="untimed runs per batch size")
+    bare.add_argument("--runs", type=int, default=30, help="timed runs per batch size")
+    add_server_arguments(parser)
+    sweep = parser.add_argument_group("pipeline sweep")
+    sweep.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    sweep.add_argument("--client", choices=CLIENTS, default="perf_analyzer",
+                       help="load generator; perf_analyzer falls back to the Python client when it cannot run")
+    sweep.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer window")
+    sweep.add_argument("--max-trials", type=int, default=5, help="perf_analyzer windows to reach stability")
+    sweep.add_argument("--stability-percentage", type=float, default=10.0,
+                       help="perf_analyzer's tolerance between its last 3 windows; raise it on a busy machine")
+    sweep.add_argument("--score-threshold", type=float,
+                       help="request parameter for every request (default: the deployed threshold); a low one "
+                            "measures postprocess with many candidate boxes")
+    args = parser.parse_args(argv)
+    if args.score_threshold is not None and not 0 <= args.score_threshold <= 1:
+        parser.error("--score-threshold must be between 0 and 1")
+    return args
+
+
+def benchmark_boards(args: argparse.Namespace, count: int) -> list[Path]:
+    """The first ``count`` inspected boards of the chosen part of the list."""
+    paths = [s.image_path for s in select_samples(args.data, args.list, args.split, validation_split(args))[:count]]
+    if len(paths) < count:
+        raise SystemExit(f"{args.data / args.list} ({args.split}) has {len(paths)} boards, {count} needed")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    contract = served_contract(CPU_CONFIG_NAME, args.model_repository)
+    batch_sizes = bare_batch_sizes(contract)
+    boards = benchmark_boards(args, args.boards or max(batch_sizes))
+    report: dict = {"machine": machine_description()}
+    if args.what in ("onnx", "all"):
+        # Before any server is started for the run, so the bare detector has the CPU to itself.
+        report["bare_detector"] = time_bare_detector(ServedDetector.from_cpu_config(contract), boards, batch_sizes,
+                                                     args.warmup, args.runs)
+    if args.what in ("server", "all"):
+        measurement = Measurement(args.measurement_ms, args.max_trials, args.stability_percentage)
+        with serving(args.url, args.start_server, args.model_repository) as url:
+            report["pipeline"] = pipeline_sweep(url, contract, boards, args.concurrency, args.client, measurement,
+                                                args.score_threshold)
+            report["memory"] = server_memory(url)
+    if args.what == "all":
+        report["comparison"] = pipeline_against_bare(report["bare_detector"], report["pipeline"])
+    paths = write_report(report, args.out)
+    print(markdown_report(report))
+    print("wrote " + ", ".join(str(path) for path in paths))
+    return report
+
+
+if __name__ == "__main__":
+    main()
