@@ -1,10 +1,8 @@
 """The served pcb_pipeline, end to end over gRPC and HTTP, against a real tritonserver (CPU configs)."""
 from __future__ import annotations
 
-import struct
 import time
 import urllib.request
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -14,6 +12,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from tests.encoded_images import png_declaring
 from tools.client.pipeline_client import PipelineClient, encoded_images_input
 from tools.contract import served_contract
 from tools.detections import box_iou
@@ -81,15 +80,6 @@ def encode(image: np.ndarray, suffix: str) -> bytes:
     ok, data = cv2.imencode(suffix, image)
     assert ok
     return data.tobytes()
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A few hundred bytes of valid PNG structure whose header declares width x height grey pixels."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(4096))) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")

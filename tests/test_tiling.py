@@ -1,28 +1,57 @@
-"""Tiled inference of large scans: tile layout, merging across tiles, mosaics, and the live pipeline."""
+"""Whole-board scans: the scan model's tile layout and merging, its config, mosaics, and the live pcb_scan."""
 from __future__ import annotations
+
+import json
 
 import cv2
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
-from tools.client.pipeline_client import InferenceFailed, PipelineClient
+from tests.encoded_images import png_declaring
+from tools.client.pipeline_client import InferenceFailed, PipelineClient, encoded_images_input
+from tools.contract import load_repository, parameter, served_contract
 from tools.data.deeppcb import read_split
 from tools.data.mosaic import stitch, write_mosaics
 from tools.detections import Detections, box_iou
 from tools.eval.metrics import match_in_file_order
-from tools.client.tiling import (
-    DEFAULT_OVERLAP,
-    EDGE_MARGIN,
-    TileSpec,
-    Window,
-    cut_by_inner_edge,
-    merge_tiles,
-    read_tiles,
-    tile_origins,
-    tile_windows,
-)
+from tools.pipeline_math import tiling
+from tools.serve.triton_server import TritonServer, trace_settings
 
 LARGEST_DEEPPCB_DEFECT = 170  # px, over the whole trainval split
+CONTRACT = served_contract()
+SCAN_CONFIG = load_repository()[CONTRACT.scan_model]
+TILE_SIZE, OVERLAP = int(parameter(SCAN_CONFIG, "tile_size")), int(parameter(SCAN_CONFIG, "tile_overlap"))
+Window, tile_origins, cut_by_inner_edge = tiling.Window, tiling.tile_origins, tiling.cut_by_inner_edge
+
+
+def tile_windows(height, width):
+    return tiling.tile_windows(height, width, TILE_SIZE, OVERLAP)
+
+
+def merge_tiles(results, windows, height, width, merge_iou=0.45):
+    return tiling.merge_tiles([r.boxes for r in results], [r.scores for r in results], [r.classes for r in results],
+                              windows, height, width, merge_iou)
+
+
+# ---- the scan model's config ------------------------------------------------------------------------------
+
+
+def test_scan_settings_agree_with_the_pipeline():
+    assert TILE_SIZE == CONTRACT.input_size, "tiles keep the scan's scale only at the detector input size"
+    assert int(parameter(SCAN_CONFIG, "tiles_per_request")) == CONTRACT.typical_batch_size
+    assert float(parameter(SCAN_CONFIG, "merge_iou_threshold")) == CONTRACT.iou_threshold
+    assert parameter(SCAN_CONFIG, "pipeline_model") == CONTRACT.pipeline_model
+    assert int(parameter(SCAN_CONFIG, "max_scan_pixels")) >= 16384 * 16384, "a whole 16k line-scan panel fits"
+    pipeline = load_repository()[CONTRACT.pipeline_model]
+    assert [(i.name, i.data_type, list(i.dims)) for i in SCAN_CONFIG.input] == \
+        [(i.name, i.data_type, list(i.dims)) for i in pipeline.input]
+    outputs = {o.name: (o.data_type, list(o.dims)) for o in SCAN_CONFIG.output}
+    assert outputs.pop("NUM_TILES") == (outputs["NUM_DETECTIONS"][0], [1])
+    assert list(outputs) == [o.name for o in pipeline.output], "the pipeline's outputs, in its order"
+    for o in pipeline.output:
+        assert outputs[o.name][0] == o.data_type and outputs[o.name][1][1:] == list(o.dims)[1:], o.name
+    assert load_repository("cpu")[CONTRACT.scan_model] == SCAN_CONFIG, "one config serves GPU and CPU"
 
 
 # ---- layout -----------------------------------------------------------------------------------------------
@@ -36,14 +65,14 @@ def test_tiles_step_by_size_minus_overlap_and_end_flush():
 
 
 def test_windows_cover_the_scan_row_major_and_clip_short_sides():
-    windows = tile_windows(height=500, width=1000, spec=TileSpec())
+    windows = tile_windows(height=500, width=1000)
     assert windows == [Window(0, 0, 640, 500), Window(360, 0, 1000, 500)]
 
 
 def test_every_defect_no_wider_than_the_overlap_is_kept_whole_by_some_tile():
-    assert DEFAULT_OVERLAP >= LARGEST_DEEPPCB_DEFECT + EDGE_MARGIN
+    assert OVERLAP >= LARGEST_DEEPPCB_DEFECT + tiling.EDGE_MARGIN
     height, width = 1700, 3100
-    windows = tile_windows(height, width, TileSpec())
+    windows = tile_windows(height, width)
     rng = np.random.default_rng(0)
     for _ in range(2000):
         w, h = rng.integers(4, LARGEST_DEEPPCB_DEFECT + 1, size=2)
@@ -57,20 +86,16 @@ def test_every_defect_no_wider_than_the_overlap_is_kept_whole_by_some_tile():
         assert keepers, (x1, y1, w, h)
 
 
-def test_tile_spec_rejects_impossible_settings():
+def test_impossible_layouts_are_refused():
     for size, overlap in ((640, 640), (640, -1), (0, 0)):
         with pytest.raises(ValueError, match="overlap"):
-            TileSpec(size, overlap)
-    with pytest.raises(ValueError, match="merge IoU"):
-        TileSpec(merge_iou=0)
+            tiling.check_layout(size, overlap)
 
 
 # ---- merging ----------------------------------------------------------------------------------------------
 
 
-def tile_result(boxes, scores, classes) -> Detections:
-    return Detections(np.array(boxes, np.float32).reshape(-1, 4), np.array(scores, np.float32),
-                      np.array(classes, np.int32))
+tile_result = Detections.of
 
 
 def test_boxes_on_inner_tile_edges_are_cut_and_on_the_scan_border_are_not():
@@ -98,27 +123,6 @@ def test_overlapping_defects_of_different_classes_both_stay():
     right = tile_result([[52, 100, 92, 140]], [0.6], [3])
     _, _, classes = merge_tiles([left, right], windows, height=640, width=1088, merge_iou=0.45)
     assert classes.tolist() == [2, 3]
-
-
-def test_small_images_go_as_they_are_and_large_ones_as_png_tiles(tmp_path):
-    small = tmp_path / "small.jpg"
-    cv2.imwrite(str(small), np.full((640, 600), 255, np.uint8))
-    encoded, layout = read_tiles(small, TileSpec())
-    assert encoded == [small.read_bytes()] and layout is None
-
-    scan = np.random.default_rng(0).integers(0, 2, size=(700, 1300), dtype=np.uint8) * 255
-    large = tmp_path / "large.png"
-    cv2.imwrite(str(large), scan)
-    encoded, (windows, height, width) = read_tiles(large, TileSpec())
-    assert (height, width, len(encoded)) == (700, 1300, len(windows)) and len(windows) == 3 * 2
-    for tile, window in zip(encoded, windows):
-        decoded = cv2.imdecode(np.frombuffer(tile, np.uint8), cv2.IMREAD_GRAYSCALE)
-        np.testing.assert_array_equal(decoded, scan[window.y0 : window.y1, window.x0 : window.x1])
-
-    not_an_image = tmp_path / "notes.png"
-    not_an_image.write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="cannot decode"):
-        read_tiles(not_an_image, TileSpec())
 
 
 # ---- mosaics ----------------------------------------------------------------------------------------------
@@ -162,20 +166,16 @@ def found_fraction(sample, detections: Detections) -> float:
     return float(found.mean())
 
 
-def test_tiled_scan_finds_what_the_boards_alone_give(triton_server, labelled_boards, mosaic_scan):
+def test_a_mosaic_through_pcb_scan_finds_what_the_boards_alone_give(triton_server, labelled_boards, mosaic_scan):
     boards = labelled_boards[:8]
     with PipelineClient(triton_server.grpc_url) as client:
         per_board = client.infer_files([b.image_path for b in boards], progress=False)
-        (tiled,) = client.infer_files([mosaic_scan.image_path], progress=False, tiles=TileSpec())
-        (one_at_a_time,) = client.infer_files([mosaic_scan.image_path], concurrency=1, progress=False,
-                                              tiles=TileSpec())
+        (tiled,) = client.infer_files([mosaic_scan.image_path], progress=False, scans=True)
         (shrunk,) = client.infer_files([mosaic_scan.image_path], progress=False)
-    # 18 tiles go as 3 requests; with one in flight each returns before the next is sent.
-    np.testing.assert_allclose(one_at_a_time.boxes, tiled.boxes, atol=1e-3)
 
-    width, height = 640, 640
+    board_height, board_width = cv2.imread(str(boards[0].image_path), cv2.IMREAD_GRAYSCALE).shape
     shifted = Detections(
-        np.concatenate([d.boxes + [(i % 4) * width, (i // 4) * height] * 2 for i, d in enumerate(per_board)]),
+        np.concatenate([d.boxes + [(i % 4) * board_width, (i // 4) * board_height] * 2 for i, d in enumerate(per_board)]),
         np.concatenate([d.scores for d in per_board]),
         np.concatenate([d.classes for d in per_board]),
     )
@@ -190,12 +190,88 @@ def test_tiled_scan_finds_what_the_boards_alone_give(triton_server, labelled_boa
     assert found_fraction(mosaic_scan, shrunk) < board_recall / 2
 
 
-def test_a_file_that_cannot_be_tiled_is_named_and_the_others_are_answered(triton_server, mosaic_scan, tmp_path):
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+def scan_request(server, scans: list[bytes], parameters=None):
+    """One raw pcb_scan request; its outputs, or the InferenceServerException."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        names = [*CONTRACT.output_names, "NUM_TILES"]
+        result = client.infer(CONTRACT.scan_model, [encoded_images_input(scans)], parameters=parameters,
+                              outputs=[grpcclient.InferRequestedOutput(n) for n in names])
+        return {name: result.as_numpy(name) for name in names}
+    finally:
+        client.close()
+
+
+def test_pcb_scan_counts_its_tiles_and_pads_to_k(triton_server, mosaic_scan):
+    outputs = scan_request(triton_server, [mosaic_scan.image_path.read_bytes()])
+    height, width = cv2.imread(str(mosaic_scan.image_path), cv2.IMREAD_GRAYSCALE).shape
+    assert outputs["NUM_TILES"][0, 0] == len(tile_windows(height, width))
+    count, k = int(outputs["NUM_DETECTIONS"][0, 0]), outputs["BOXES"].shape[1]
+    assert 0 < count <= k and not outputs["BOXES"][0, count:].any() and not outputs["SCORES"][0, count:].any()
+    boxes = outputs["BOXES"][0, :count]
+    assert (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all(), "boxes in scan pixels"
+    assert (np.diff(outputs["SCORES"][0, :count]) <= 0).all()
+
+
+def test_pcb_scan_applies_the_request_threshold_and_refuses_a_bad_one(triton_server, mosaic_scan):
+    scan = mosaic_scan.image_path.read_bytes()
+    strict = scan_request(triton_server, [scan], {"score_threshold": 0.9})
+    assert (strict["SCORES"][0, : int(strict["NUM_DETECTIONS"][0, 0])] > 0.9).all()
+    with pytest.raises(Exception, match="score_threshold"):
+        scan_request(triton_server, [scan], {"score_threshold": 5.0})
+
+
+@pytest.mark.parametrize("bad, reason", [(b"", "empty"), (b"\x89PNG\r\n\x1a\n truncated", "not a JPEG, PNG, BMP or TIFF"),
+                                         ("too_large", "more than the limit")])
+def test_a_bad_scan_fails_alone(triton_server, mosaic_scan, bad, reason):
+    if bad == "too_large":  # a PNG whose header declares just over the limit: refused before decoding
+        side = int(int(parameter(SCAN_CONFIG, "max_scan_pixels")) ** 0.5) + 1
+        bad = png_declaring(side, side)
+    good = mosaic_scan.image_path.read_bytes()
     with PipelineClient(triton_server.grpc_url) as client:
         with pytest.raises(InferenceFailed) as failed:
-            client.infer_files([broken, mosaic_scan.image_path], progress=False, tiles=TileSpec())
-    assert failed.value.failures == {str(broken): "cannot tile file: OpenCV cannot decode this file as an image"}
-    assert failed.value.results[0] is None
-    assert found_fraction(mosaic_scan, failed.value.results[1]) > 0.5
+            client.infer_files([mosaic_scan.image_path, _write(mosaic_scan, bad)], progress=False, scans=True)
+        (alone,) = client.infer([good], scans=True)
+    (message,) = failed.value.failures.values()
+    assert reason in message and "IMAGE[0]" in message
+    np.testing.assert_allclose(failed.value.results[0].boxes, alone.boxes, atol=1e-3)
+
+
+def _write(sample, data: bytes):
+    path = sample.image_path.with_name("bad_scan.png")
+    path.write_bytes(data)
+    return path
+
+
+def test_scans_go_through_system_shared_memory_too(triton_server, mosaic_scan):
+    scan = mosaic_scan.image_path.read_bytes()
+    with PipelineClient(triton_server.grpc_url) as client:
+        (by_message,) = client.infer([scan], scans=True)
+        (by_shared_memory,) = client.infer([scan], scans=True, shared_memory=True)
+        status = client._client.get_system_shared_memory_status(as_json=True)
+    np.testing.assert_array_equal(by_shared_memory.classes, by_message.classes)
+    np.testing.assert_allclose(by_shared_memory.boxes, by_message.boxes, atol=1e-3)
+    assert not status.get("regions"), "the region is unregistered after the request"
+
+
+def test_tile_requests_carry_the_scan_requests_trace(tmp_path, mosaic_scan):
+    """A trace of a pcb_scan request includes its pcb_pipeline requests (BLS children) as its children."""
+    trace_file = tmp_path / "trace.json"
+    image = cv2.imread(str(mosaic_scan.image_path), cv2.IMREAD_GRAYSCALE)[:TILE_SIZE, : TILE_SIZE + 100]  # 2 tiles
+    ok, scan = cv2.imencode(".png", image)
+    with TritonServer.on_free_ports(trace_config=trace_settings(trace_file, [])) as server:
+        outputs = scan_request(server, [scan.tobytes()])
+    assert outputs["NUM_TILES"][0, 0] == 2
+    records = json.loads(trace_file.read_text())  # written when the server stops
+    (scan_trace,) = [r["id"] for r in records if r.get("model_name") == CONTRACT.scan_model]
+    children = [r for r in records if r.get("model_name") == CONTRACT.pipeline_model]
+    assert children and all(r.get("parent_id") == scan_trace for r in children)
+
+
+def test_a_scan_over_grpcs_default_4_mb_message_limit_goes_through(triton_server):
+    """Both tritonclient and Triton raise gRPC's 4 MB default to 2 GiB; an incompressible 5 MB scan shows it."""
+    noise = np.random.default_rng(0).integers(0, 256, size=(2240, 2240), dtype=np.uint8)
+    ok, scan = cv2.imencode(".png", noise)
+    assert scan.size > 4 * 2**20
+    outputs = scan_request(triton_server, [scan.tobytes()], {"score_threshold": 0.9})
+    assert outputs["NUM_TILES"][0, 0] == len(tile_windows(2240, 2240))

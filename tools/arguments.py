@@ -1,15 +1,14 @@
 """Command-line argument groups that several tools share, so each flag is defined once.
 
-Each ``add_*`` adds a group to a parser; the matching reader turns the parsed flags into the library's
-object (a ``ValidationSplit``, a ``TileSpec``).
+Each ``add_*`` adds a group to a parser; ``validation_split`` turns the parsed split flags into the
+library's ``ValidationSplit``.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from tools.client.tiling import DEFAULT_OVERLAP, TileSpec
-from tools.contract import MODELS_ROOT, served_contract
+from tools.contract import MODELS_ROOT
 from tools.data.deeppcb import DEFAULT_ROOT
 from tools.data.splits import DEFAULT_SPLIT, PARTS, ValidationSplit
 
@@ -48,18 +47,11 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                        help="model repository whose configs state the contract (and that --start-server serves)")
 
 
-def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("whole-board scans")
     group.add_argument("--tile", action="store_true",
-                       help="cut images larger than one tile into overlapping tiles at native resolution "
-                            "(whole-board scans) instead of letting the pipeline shrink them to the detector input")
-    group.add_argument("--tile-size", type=int, help="tile side in pixels (default: the detector input side)")
-    group.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP,
-                       help="pixels shared by neighbouring tiles; keep it wider than the largest defect")
-
-
-def tile_spec(args: argparse.Namespace) -> TileSpec | None:
-    if not args.tile:
-        return None
-    contract = served_contract(models_root=args.model_repository)
-    return TileSpec(args.tile_size or contract.input_size, args.tile_overlap, contract.iou_threshold)
+                       help="send each image to the scan model, which cuts it into overlapping tiles at native "
+                            "resolution on the server (whole-board scans), instead of letting the pipeline "
+                            "shrink it to the detector input")
+    group.add_argument("--shared-memory", action="store_true",
+                       help="pass the encoded images through system shared memory (client on the server's host)")

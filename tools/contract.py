@@ -76,6 +76,8 @@ class ServedContract:
     models_root: Path
     config_name: str | None
     pipeline_model: str  # the ensemble: one request with the encoded image, the detections back
+    scan_model: str  # one request with a whole-board scan: tiles it through the pipeline (BLS)
+    model_names: tuple[str, ...]  # every model of the repository
     preprocess_model: str  # the ensemble's steps, in order
     detector_model: str
     postprocess_model: str
@@ -134,6 +136,10 @@ def served_contract(config_name: str | None = None, models_root: Path = MODELS_R
         raise ValueError(f"{models_root}: expected one ensemble, found {[c.name for c in ensembles]}")
     pipeline = ensembles[0]
     preprocess, detector, postprocess = (configs[step.model_name] for step in pipeline.ensemble_scheduling.step)
+    scanners = [c.name for c in configs.values()
+                if "pipeline_model" in c.parameters and parameter(c, "pipeline_model") == pipeline.name]
+    if len(scanners) != 1:
+        raise ValueError(f"{models_root}: expected one scan model calling {pipeline.name}, found {scanners}")
     (image_input,) = pipeline.input
     detector_input, detector_output = detector.input[0].name, detector.output[0].name
     (geometry_output,) = [o.name for o in preprocess.output if o.name != detector_input]
@@ -143,6 +149,8 @@ def served_contract(config_name: str | None = None, models_root: Path = MODELS_R
         models_root=models_root,
         config_name=config_name,
         pipeline_model=pipeline.name,
+        scan_model=scanners[0],
+        model_names=tuple(sorted(configs)),
         preprocess_model=preprocess.name,
         detector_model=detector.name,
         postprocess_model=postprocess.name,

@@ -1,7 +1,7 @@
-"""The serve-time array code of the preprocess and postprocess models, for tools and tests.
+"""The serve-time code of the preprocess, postprocess and scan models, for tools and tests.
 
-Loads ``models/preprocess/1/image_ops.py`` and ``models/postprocess/1/box_ops.py`` by file path (the
-models stay self-contained; nothing here is copied) and fills in the settings of the served contract
+Loads ``models/preprocess/1/image_ops.py``, ``models/postprocess/1/box_ops.py`` and
+``models/pcb_scan/1/tiling.py`` by file path (the models stay self-contained; nothing here is copied) and fills in the settings of the served contract
 (``tools.contract``), so evaluation, engine checks and benchmarks see exactly what Triton computes::
 
     from tools.pipeline_math import preprocess_image, postprocess_batch
@@ -31,6 +31,7 @@ def load_model_module(model: str, module: str):
 
 image_ops = load_model_module(served_contract().preprocess_model, "image_ops")
 box_ops = load_model_module(served_contract().postprocess_model, "box_ops")
+tiling = load_model_module(served_contract().scan_model, "tiling")
 ImageRejected = image_ops.ImageRejected
 
 

@@ -2,7 +2,7 @@
 
     python -m tools.client IMAGE_OR_DIR [...] [--url localhost:8001 | --start-server] [--json out.json]
         [--annotate-dir DIR] [--score-threshold S] [--iou-threshold T] [--concurrency N] [--recursive]
-        [--tile [--tile-size 640] [--tile-overlap 192]]
+        [--tile] [--shared-memory]
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tools.arguments import add_server_arguments, add_tiling_arguments, tile_spec
+from tools.arguments import add_scan_arguments, add_server_arguments
 from tools.client.pipeline_client import InferenceFailed, PipelineClient
 from tools.client.results import detections_table, find_images, write_annotated, write_json
 from tools.contract import read_labels, served_contract
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", type=Path, help="class names, one per line (default: the served labels.txt)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     add_server_arguments(parser)
-    add_tiling_arguments(parser)
+    add_scan_arguments(parser)
     args = parser.parse_args(argv)
 
     paths = find_images(args.inputs, recursive=args.recursive)
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             PipelineClient(url, timeout_s=args.timeout, contract=contract) as client:
         try:
             results = client.infer_files(paths, args.score_threshold, args.iou_threshold, args.concurrency,
-                                         tiles=tile_spec(args))
+                                         scans=args.tile, shared_memory=args.shared_memory)
         except InferenceFailed as error:
             results, failures = error.results, error.failures
 

@@ -15,10 +15,9 @@ and false alarms under ``--out`` (tools.eval.report).
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 from pathlib import Path
 
-from tools.arguments import add_data_arguments, add_server_arguments, add_tiling_arguments, tile_spec, validation_split
+from tools.arguments import add_data_arguments, add_scan_arguments, add_server_arguments, validation_split
 from tools.client.pipeline_client import PipelineClient
 from tools.contract import served_contract
 from tools.data.splits import check_model_split, select_samples
@@ -38,9 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     parser.add_argument("--examples", type=int, default=6, help="annotated boards to write")
     parser.add_argument("--out", type=Path, default=Path("reports/eval"))
-    add_tiling_arguments(parser)
+    add_scan_arguments(parser)
     args = parser.parse_args(argv)
-    tiles = tile_spec(args)
     split = validation_split(args)
     contract = served_contract(models_root=args.model_repository)
 
@@ -55,7 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
                 [s.image_path for s in samples],
                 score_threshold=args.request_score_threshold,
                 concurrency=args.concurrency,
-                tiles=tiles,
+                scans=args.tile,
+                shared_memory=args.shared_memory,
             )
     setup = EvaluationSetup(
         data=str(args.data),
@@ -64,11 +63,10 @@ def main(argv: list[str] | None = None) -> dict:
         val_fraction=split.fraction,
         split_seed=split.seed,
         url=url,
-        model=contract.pipeline_model,
+        model=contract.scan_model if args.tile else contract.pipeline_model,
         request_score_threshold=args.request_score_threshold,
         deployed_score_threshold=contract.score_threshold,
         config=str(contract.models_root / contract.postprocess_model),
-        tiles=asdict(tiles) if tiles else None,
     )
     report = write_report(samples, detections, setup, contract.labels, args.out, args.examples)
     m = report["metrics"]

@@ -31,7 +31,6 @@ class EvaluationSetup:
     request_score_threshold: float  # sent with every request, low so AP sees the whole ranking
     deployed_score_threshold: float  # the postprocess default, where the F-score is taken
     config: str  # the model folder whose config holds the deployed threshold
-    tiles: dict | None = None  # tile size, overlap and merge IoU when scans were tiled (tools.client.tiling)
 
 
 @dataclass(frozen=True)

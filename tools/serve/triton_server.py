@@ -87,9 +87,9 @@ class TritonServer:
         self.model_config_name = model_config_name
         self.log_verbose = log_verbose
         self.trace_config = list(trace_config)
-        # By default the server is ready when the pipeline is: every model it needs is loaded.
+        # By default the server is ready when every model of the repository is.
         self.ready_models = ready_models if ready_models is not None else (
-            served_contract(model_config_name, self.model_repository).pipeline_model,)
+            served_contract(model_config_name, self.model_repository).model_names)
         self.ready_timeout_s = ready_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.log_to_console = log_to_console

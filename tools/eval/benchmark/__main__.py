@@ -3,9 +3,11 @@
     python -m tools.eval.benchmark onnx              # the detector alone on ONNX Runtime
     python -m tools.eval.benchmark server --url localhost:8001 --concurrency 1 2 4 8
     python -m tools.eval.benchmark all --start-server
+    python -m tools.eval.benchmark scan --start-server --scan-side 4096   # whole-board scans through pcb_scan
 
 ``onnx`` times the ONNX file the CPU detector config serves, with that config's intra-op threads, on real
-boards preprocessed as served: batch 1 and the detector's preferred batch sizes. ``server`` drives the live
+boards preprocessed as served: batch 1 and the detector's preferred batch sizes. ``scan`` sends a large scan of
+real boards through the scan model (scans/s, tiles/s, per-stage times). ``server`` drives the live
 pipeline over gRPC with perf_analyzer (the Python client when perf_analyzer cannot run, labelled so),
 sweeping client concurrency; for each level it takes the per-model queue and compute times from Triton's
 statistics, and after the sweep the resident memory of tritonserver and its Python backend stubs. ``all``
@@ -24,6 +26,7 @@ from tools.eval.benchmark.bare_detector import ServedDetector, bare_batch_sizes,
 from tools.eval.benchmark.memory import server_memory
 from tools.eval.benchmark.perf_analyzer import Measurement
 from tools.eval.benchmark.report import machine_description, markdown_report, pipeline_against_bare, write_report
+from tools.eval.benchmark.scan import boards_for_scan, stitched_scan, time_scans
 from tools.eval.benchmark.sweep import CLIENTS, pipeline_sweep
 from tools.serve.triton_server import serving
 
@@ -31,7 +34,7 @@ from tools.serve.triton_server import serving
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tools.eval.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["onnx", "server", "all"])
+    parser.add_argument("what", choices=["onnx", "server", "all", "scan"])
     parser.add_argument("--out", type=Path, default=Path("reports/benchmark"))
     parser.add_argument("--boards", type=int, help="distinct boards, sent round-robin (default: the largest batch)")
     add_data_arguments(parser, "trainval.txt", "val")
@@ -50,6 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sweep.add_argument("--score-threshold", type=float,
                        help="request parameter for every request (default: the deployed threshold); a low one "
                             "measures postprocess with many candidate boxes")
+    scans = parser.add_argument_group("whole-board scans (scan)")
+    scans.add_argument("--scan-side", type=int, default=4096, help="the scan is this many pixels square")
+    scans.add_argument("--scans", type=int, default=6, help="timed scans per concurrency level")
+    scans.add_argument("--scan-concurrency", type=int, nargs="+", default=[1, 2], help="scans in flight")
     args = parser.parse_args(argv)
     if args.score_threshold is not None and not 0 <= args.score_threshold <= 1:
         parser.error("--score-threshold must be between 0 and 1")
@@ -68,8 +75,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     contract = served_contract(CPU_CONFIG_NAME, args.model_repository)
     batch_sizes = bare_batch_sizes(contract)
-    boards = benchmark_boards(args, args.boards or max(batch_sizes))
     report: dict = {"machine": machine_description()}
+    if args.what == "scan":
+        board_side = contract.input_size  # DeepPCB boards are as large as the detector input
+        scan = stitched_scan(benchmark_boards(args, boards_for_scan(args.scan_side, board_side)), args.scan_side)
+        with serving(args.url, args.start_server, args.model_repository) as url:
+            report["scans"] = [time_scans(url, contract, scan, args.scan_side, args.scans, level)
+                               for level in args.scan_concurrency]
+            report["memory"] = server_memory(url)
+        paths = write_report(report, args.out)
+        print(markdown_report(report))
+        print("wrote " + ", ".join(str(path) for path in paths))
+        return report
+    boards = benchmark_boards(args, args.boards or max(batch_sizes))
     if args.what in ("onnx", "all"):
         # Before any server is started for the run, so the bare detector has the CPU to itself.
         report["bare_detector"] = time_bare_detector(ServedDetector.from_cpu_config(contract), boards, batch_sizes,

@@ -29,7 +29,10 @@ def plot_latency_throughput(report: dict, path: Path) -> None:
         for r in rows:
             axes.annotate(f"b={r['batch']}", (r["images_per_s_at_p50"], r["p50_ms_per_batch"]),
                           textcoords="offset points", xytext=(4, 4), fontsize=8)
-    axes.set_xlabel("throughput (images/s)")
+    for row in report.get("scans", []):
+        axes.plot([row["tiles_per_s"]], [row["p50_ms"]], "D", label=f"scan p50, {row['scan_pixels'][0]} px, "
+                  f"{row['tiles_per_scan']} tiles, concurrency {row['concurrency']}")
+    axes.set_xlabel("throughput (images/s; tiles/s for scans)")
     axes.set_ylabel("latency (ms)")
     axes.set_ylim(bottom=0)
     axes.grid(True, alpha=0.3)

@@ -170,6 +170,25 @@ def memory_section(memory: dict) -> list[str]:
     return lines + [f"| total | | | {memory['total_rss_mib']:.0f} | |", ""]
 
 
+def scans_section(scans: list[dict]) -> list[str]:
+    first = scans[0]
+    lines = ["## Whole-board scans (pcb_scan)", "",
+             f"One {first['scan_pixels'][0]} x {first['scan_pixels'][1]} scan of real boards per request, "
+             f"{first['tiles_per_scan']} tiles each.", "",
+             "| concurrency | scans/s | tiles/s | p50 per scan | p99 per scan | scan model | preprocess | detector | "
+             "postprocess (ms per request) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in scans:
+        stages = row["stages"]
+        per_stage = [f"{stage['request_ms']:.1f}" for stage in stages.values()]
+        lines.append(f"| {row['concurrency']} | {row['scans_per_s']:.2f} | {row['tiles_per_s']:.1f} | "
+                     f"{row['p50_ms']:.0f} ms | {row['p99_ms']:.0f} ms | " + " | ".join(per_stage[:4]) + " |")
+    best = max(row["tiles_per_s"] for row in scans)
+    lines += ["", f"GPU, on paper (not measured): at the design's 500 pipeline inferences/s a {first['tiles_per_scan']}"
+              f"-tile scan would take {first['tiles_per_scan'] / 500 * 1e3:.0f} ms of pipeline time, "
+              f"{500 / first['tiles_per_scan']:.1f} scans/s per GPU; measured here on CPU: {best:.1f} tiles/s.", ""]
+    return lines
+
+
 def markdown_report(report: dict) -> str:
     machine = report["machine"]
     lines = ["# Benchmark", "", f"Machine: {machine['cpus']} CPU cores, GPU: {'yes' if machine['gpu'] else 'none'}.",
@@ -182,6 +201,8 @@ def markdown_report(report: dict) -> str:
         lines += comparison_section(report["comparison"])
     if "pipeline" in report:
         lines += stages_section(report["pipeline"])
+    if "scans" in report:
+        lines += scans_section(report["scans"])
     if "memory" in report:
         lines += memory_section(report["memory"])
     if "plot" in report:

@@ -1,0 +1,77 @@
+"""Whole-board scans through the scan model: scans/s and tiles/s for one large scan of real boards.
+
+The scan is real DeepPCB boards stitched edge to edge and cut to ``side`` x ``side`` pixels, so every tile
+holds real copper. Each request carries one scan; ``concurrency`` client threads send them back to back.
+"""
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+from tqdm import tqdm
+
+from tools.client.pipeline_client import PipelineClient
+from tools.contract import ServedContract, load_repository, parameter
+from tools.data.deeppcb import read_grey
+from tools.data.mosaic import stitch
+from tools.eval.benchmark.latency import percentiles_ms
+from tools.eval.benchmark.server_stats import snapshot, stage_breakdown, stage_models
+from tools.pipeline_math import tiling
+
+
+def boards_for_scan(side: int, board_side: int) -> int:
+    """Boards of ``board_side`` pixels needed to cover a ``side`` x ``side`` scan."""
+    return math.ceil(side / board_side) ** 2
+
+
+def stitched_scan(boards: list[Path], side: int) -> bytes:
+    """PNG of ``boards`` stitched row-major and cut to ``side`` x ``side``."""
+    images = [read_grey(path) for path in boards]
+    mosaic, _ = stitch(images, columns=math.ceil(side / images[0].shape[1]))
+    if min(mosaic.shape[:2]) < side:
+        raise ValueError(f"{len(boards)} boards of {images[0].shape} do not cover {side} x {side}")
+    ok, encoded = cv2.imencode(".png", mosaic[:side, :side])
+    if not ok:
+        raise ValueError("OpenCV could not encode the scan")
+    return encoded.tobytes()
+
+
+def tiles_per_scan(contract: ServedContract, height: int, width: int) -> int:
+    config = load_repository(contract.config_name, contract.models_root)[contract.scan_model]
+    size, overlap = int(parameter(config, "tile_size")), int(parameter(config, "tile_overlap"))
+    return len(tiling.tile_windows(height, width, size, overlap))
+
+
+def time_scans(url: str, contract: ServedContract, scan: bytes, side: int, count: int, concurrency: int) -> dict:
+    """Send ``count`` copies of ``scan`` through the scan model, ``concurrency`` at a time, after one warm-up."""
+    tiles = tiles_per_scan(contract, side, side)
+    models = [contract.scan_model, *stage_models(contract)]
+    with PipelineClient(url, contract=contract, timeout_s=600) as client:
+        client.infer([scan], scans=True)  # warm-up, not timed
+        before = snapshot(url, models)
+        latencies: list[float] = []
+
+        def one_scan(_):
+            start = time.perf_counter()
+            client.infer([scan], scans=True)
+            latencies.append(time.perf_counter() - start)
+
+        began = time.perf_counter()
+        with ThreadPoolExecutor(concurrency, "benchmark-scans") as pool:
+            list(tqdm(pool.map(one_scan, range(count)), total=count, desc=f"scans, concurrency {concurrency}",
+                      unit="scan"))
+        elapsed = time.perf_counter() - began
+        after = snapshot(url, models)
+    return {
+        "scan_pixels": [side, side],
+        "tiles_per_scan": tiles,
+        "scans": count,
+        "concurrency": concurrency,
+        "scans_per_s": count / elapsed,
+        "tiles_per_s": count * tiles / elapsed,
+        **percentiles_ms(latencies),
+        "stages": stage_breakdown(before, after),
+    }
