@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tools.contract import REPO_ROOT
 from tools.data.deeppcb import DEFAULT_ROOT, Sample, read_split
 from tools.data.splits import select_samples
-from tools.contract import REPO_ROOT
 from tools.serve.triton_server import TritonServer
 
 SYNTHETIC_BOARD_COUNT = 6

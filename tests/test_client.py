@@ -7,8 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from tools.client.annotate import CLASS_COLOURS, class_colour, draw_detections
 from tools.client.__main__ import main
+from tools.client.annotate import CLASS_COLOURS, class_colour, draw_detections
 from tools.client.pipeline_client import InferenceFailed, PipelineClient
 from tools.client.results import detections_record, detections_table, find_images
 from tools.contract import served_contract

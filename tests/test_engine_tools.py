@@ -8,7 +8,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from tools.detections import Detections
 from tools.engine import build as build_engine
+from tools.engine.agreement import detection_agreement, pair_detections, raw_output_reports, tolerance_report
 from tools.engine.build import (
     DEFAULT_CONFIG,
     DEFAULT_ONNX,
@@ -22,8 +24,6 @@ from tools.engine.build import (
     supports_strong_typing,
     timing_cache_name,
 )
-from tools.detections import Detections
-from tools.engine.agreement import detection_agreement, pair_detections, raw_output_reports, tolerance_report
 
 # ---- optimization profile ---------------------------------------------------------------------------------
 

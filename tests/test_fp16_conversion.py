@@ -14,6 +14,7 @@ import pytest
 
 from tools.data.board_batches import load_boards
 from tools.data.splits import held_out_boards
+from tools.engine.agreement import compare_outputs, onnxruntime_runner, run_in_batches
 from tools.engine.fp16 import (
     DEFAULT_CALIBRATION_BOARDS,
     DEFAULT_OUTPUT,
@@ -25,7 +26,6 @@ from tools.engine.fp16 import (
     file_sha256,
     node_precisions,
 )
-from tools.engine.agreement import compare_outputs, onnxruntime_runner, run_in_batches
 
 FP16 = onnx.TensorProto.FLOAT16
 FP32 = onnx.TensorProto.FLOAT

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from tools.detections import box_iou
 from tools.eval.metrics import (
     average_precision_all_point,
     average_precision_uninterpolated,
@@ -15,7 +16,6 @@ from tools.eval.metrics import (
     rank_detections,
     summarize,
 )
-from tools.detections import box_iou
 
 CLASS_NAMES = ("open", "short", "mousebite", "spur", "copper", "pin-hole")
 

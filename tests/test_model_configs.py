@@ -6,7 +6,13 @@ from tritonclient.grpc.model_config_pb2 import ModelInstanceGroup
 
 from tests.triton_configs import config_files, dims_compatible, onnx_io, tensor_specs
 from tools.contract import (
-    CONFIG_NAMES, MODELS_ROOT, load_repository, model_dirs, parameter, read_model_config, served_contract,
+    CONFIG_NAMES,
+    MODELS_ROOT,
+    load_repository,
+    model_dirs,
+    parameter,
+    read_model_config,
+    served_contract,
 )
 from tools.pipeline_math import load_model_module
 

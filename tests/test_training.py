@@ -7,7 +7,8 @@ import torch
 
 from tools.contract import served_contract
 from tools.data.splits import DEFAULT_SPLIT, ValidationSplit, check_model_split, recorded_split
-from tools.train import export as export_onnx, recipe as train_detector
+from tools.train import export as export_onnx
+from tools.train import recipe as train_detector
 from tools.train.network import PcbDefectDetector, grid_centers
 
 CONTRACT = served_contract()

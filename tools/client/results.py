@@ -47,7 +47,7 @@ def detections_table(paths: Sequence[Path], results: Sequence[Detections | None]
     names = [p.name for p in paths]
     name_width = max([len("image"), *map(len, names)])
     widths = [max(len(label), 3) for label in labels]
-    header = f"{'image':<{name_width}}  {'total':>5}  " + "  ".join(f"{l:>{w}}" for l, w in zip(labels, widths))
+    header = f"{'image':<{name_width}}  {'total':>5}  " + "  ".join(f"{label:>{w}}" for label, w in zip(labels, widths))
     rows = [header, "-" * len(header)]
     for path, name, detections in zip(paths, names, results):
         if detections is None:

@@ -19,7 +19,6 @@ from tools.contract import served_contract
 from tools.data.board_batches import load_boards
 from tools.data.deeppcb import DEFAULT_ROOT
 from tools.data.splits import DEFAULT_SPLIT, check_model_split, held_out_boards
-from tools.engine.build import DEFAULT_ENGINE, MissingRequirement, first_visible_device, import_tensorrt, query_gpu
 from tools.engine.agreement import (
     DEFAULT_ATOL,
     DEFAULT_MAX_SCORE_DRIFT,
@@ -29,6 +28,7 @@ from tools.engine.agreement import (
     onnxruntime_runner,
     run_in_batches,
 )
+from tools.engine.build import DEFAULT_ENGINE, MissingRequirement, first_visible_device, import_tensorrt, query_gpu
 
 DEFAULT_REFERENCE = served_contract().detector_onnx
 

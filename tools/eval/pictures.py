@@ -40,11 +40,11 @@ def draw_example(
     image = cv2.imread(str(sample.image_path), cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f"{sample.image_path}: not a readable image")
-    for box, class_id, missed in zip(sample.boxes, sample.classes, missed, strict=True):
+    for box, class_id, was_missed in zip(sample.boxes, sample.classes, missed, strict=True):
         x1, y1, x2, y2 = (int(v) for v in box)
-        thickness, pad = (3, 4) if missed else (1, 2)
+        thickness, pad = (3, 4) if was_missed else (1, 2)
         draw_corner_marks(image, (x1 - pad, y1 - pad, x2 + pad, y2 + pad), thickness)
-        if missed:
+        if was_missed:
             origin, font, text = (x1 - pad, y2 + pad + 14), cv2.FONT_HERSHEY_SIMPLEX, f"MISSED {class_names[class_id]}"
             cv2.putText(image, text, origin, font, 0.45, OUTLINE_COLOUR, 3, cv2.LINE_AA)
             cv2.putText(image, text, origin, font, 0.45, TRUTH_COLOUR, 1, cv2.LINE_AA)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-
 from tiling import Window
 
 
