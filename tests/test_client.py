@@ -10,7 +10,7 @@ import pytest
 from tools.client.__main__ import main
 from tools.client.annotate import CLASS_COLOURS, class_colour, draw_detections
 from tools.client.pipeline_client import InferenceFailed, PipelineClient
-from tools.client.results import detections_record, detections_table, find_images
+from tools.client.results import detections_record, detections_table, find_images, write_annotated
 from tools.contract import served_contract
 from tools.detections import Detections
 
@@ -106,3 +106,13 @@ def test_cli_writes_json_and_annotated_images(triton_server, board_bytes, tmp_pa
     assert not (annotated / "broken.png").exists()
     printed = capsys.readouterr().out
     assert "board.jpg" in printed and "FAILED" in printed
+
+
+def test_annotated_images_of_different_folders_sharing_a_stem_both_stay(tmp_path):
+    paths = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / "board.png")
+        cv2.imwrite(str(paths[-1]), np.full((200, 300), 255, np.uint8))
+    written = write_annotated(paths, [two_detections(), two_detections()], LABELS, tmp_path / "out")
+    assert [p.name for p in written] == ["board.png", "board-2.png"] and all(p.is_file() for p in written)

@@ -2,7 +2,8 @@
 
     python -m tools.demo [--images FOLDER] [--out out/demo] [--count 6] [--seed 0]
 
-Without ``--images`` it draws labelled synthetic boards with tools.data.synth_boards. It prints a table of the
+Without ``--images`` it draws labelled synthetic boards with tools.data.synth_boards, and one whole-board scan
+that the pcb_scan model tiles on the server. It prints a table of the
 defects found per image and writes ``detections.json`` and annotated pictures (``annotated/``) to ``--out``.
 """
 from __future__ import annotations
@@ -20,11 +21,12 @@ from tools.eval.metrics import VOC_IOU_THRESHOLD, match_image
 from tools.serve.triton_server import TritonServer
 
 BOARD_LIST_FILE = "test.txt"
+SCAN_WIDTH, SCAN_HEIGHT = 2560, 1920  # a whole-board scan: 4 x 3 detector inputs
 
 
-def synthetic_boards(out: Path, count: int, seed: int) -> list[Sample]:
+def synthetic_boards(out: Path, count: int, seed: int, *size_flags: str) -> list[Sample]:
     subprocess.run([sys.executable, "-m", "tools.data.synth_boards", "--out", str(out), "--count", str(count),
-                    "--seed", str(seed), "--list-file", BOARD_LIST_FILE], cwd=REPO_ROOT, check=True)
+                    "--seed", str(seed), "--list-file", BOARD_LIST_FILE, *size_flags], cwd=REPO_ROOT, check=True)
     return read_split(out, BOARD_LIST_FILE)
 
 
@@ -54,9 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         paths = find_images([args.images])
         if not paths:
             parser.error(f"no JPEG, PNG, BMP or TIFF images in {args.images}")
+        scans = []
     else:
-        print(f"Generating {args.count} synthetic boards with labelled defects...", flush=True)
+        print(f"Generating {args.count} synthetic boards with labelled defects, and one whole-board scan...", flush=True)
         samples = synthetic_boards(args.out / "boards", args.count, args.seed)
+        scans = synthetic_boards(args.out / "scan", 1, args.seed, "--size", str(SCAN_WIDTH), "--height",
+                                 str(SCAN_HEIGHT), "--format", "png")
         paths = [sample.image_path for sample in samples]
 
     contract = served_contract()
@@ -71,6 +76,16 @@ def main(argv: list[str] | None = None) -> int:
                                              concurrency=args.concurrency)
             except InferenceFailed as error:
                 results, failures = error.results, error.failures
+            if scans:
+                print(f"Sending a {SCAN_WIDTH}x{SCAN_HEIGHT} scan through {contract.scan_model} (tiled on the server)",
+                      flush=True)
+                try:
+                    results += client.infer_files([scan.image_path for scan in scans], args.score_threshold,
+                                                  progress=False, scans=True)
+                except InferenceFailed as error:
+                    results, failures = results + error.results, failures | error.failures
+                paths += [scan.image_path for scan in scans]
+                samples += scans
     print("Server stopped.\n")
 
     print("Defects found per image:")

@@ -1,6 +1,7 @@
 """What the client CLI makes of its results: the image list, a per-class table, JSON records, annotated pictures."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -61,7 +62,8 @@ def detections_table(paths: Sequence[Path], results: Sequence[Detections | None]
 
 def write_annotated(paths: Sequence[Path], results: Sequence[Detections | None], labels: Sequence[str],
                     out_dir: Path) -> list[Path]:
-    """Save each successfully processed image with its detections drawn, as ``out_dir/<stem>.png``."""
+    """Save each successfully processed image with its detections drawn, as ``out_dir/<stem>.png`` (``<stem>-2``,
+    ``<stem>-3``, ... when files of different folders share a stem)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path, detections in zip(paths, results):
@@ -71,6 +73,10 @@ def write_annotated(paths: Sequence[Path], results: Sequence[Detections | None],
         if image is None:
             raise ValueError(f"{path}: OpenCV cannot read this image to annotate it")
         target = out_dir / f"{path.stem}.png"
+        for copy in itertools.count(2):
+            if target not in written:
+                break
+            target = out_dir / f"{path.stem}-{copy}.png"
         cv2.imwrite(str(target), draw_detections(image, detections, labels))
         written.append(target)
     return written
