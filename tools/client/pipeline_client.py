@@ -12,6 +12,8 @@ Model and tensor names come from ``tools.contract``. Large scans can go through 
 from __future__ import annotations
 
 import contextlib
+import random
+import time
 import uuid
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -25,6 +27,8 @@ from tritonclient.utils import InferenceServerException, serialize_byte_tensor, 
 
 from tools.contract import ServedContract, served_contract
 from tools.detections import Detections
+
+UNAVAILABLE = "StatusCode.UNAVAILABLE"  # InferenceServerException.status() of a gRPC UNAVAILABLE
 
 
 class InferenceFailed(RuntimeError):
@@ -67,18 +71,37 @@ def split_detections(result, contract: ServedContract | None = None) -> list[Det
     return Detections.from_padded(*(result.as_numpy(name) for name in contract.output_names))
 
 
+def retryable(error: InferenceServerException) -> bool:
+    """A transient failure worth another attempt: gRPC UNAVAILABLE (server restarting or draining, connection
+    closed at its maximum age, pod gone). Triton also answers UNAVAILABLE to a restricted protocol called
+    without its key (--grpc-restricted-protocol); that is not transient."""
+    return error.status() == UNAVAILABLE and "restricted" not in (error.message() or "")
+
+
 class PipelineClient:
     """Talks to the served models over gRPC; use as a context manager or call ``close()``.
 
     ``contract`` (default: this checkout's ``models/``) names the models and tensors.
+    ``infer`` makes up to ``max_attempts`` attempts when the server answers UNAVAILABLE, waiting
+    ``retry_backoff_s`` before the second, doubling up to ``retry_backoff_max_s`` (each wait jittered to
+    between half and all of it, so clients cut off together do not return together). Inference is
+    stateless, so a retried request gives the same answer. ``max_attempts=1`` turns retrying off.
     """
 
     def __init__(self, url: str = "localhost:8001", model_name: str | None = None, timeout_s: float = 60.0,
-                 contract: ServedContract | None = None):
+                 contract: ServedContract | None = None, max_attempts: int = 4, retry_backoff_s: float = 0.25,
+                 retry_backoff_max_s: float = 2.0):
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if retry_backoff_s < 0 or retry_backoff_max_s < retry_backoff_s:
+            raise ValueError("need 0 <= retry_backoff_s <= retry_backoff_max_s")
         self.contract = contract or served_contract()
         self.url = url
         self.model_name = model_name or self.contract.pipeline_model
         self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.retry_backoff_s = retry_backoff_s
+        self.retry_backoff_max_s = retry_backoff_max_s
         self._client = grpcclient.InferenceServerClient(url=url)  # thread-safe for infer
 
     def __enter__(self) -> "PipelineClient":
@@ -99,15 +122,28 @@ class PipelineClient:
         the gRPC message (the client must run on the server's host).
         """
         model = self.contract.scan_model if scans else self.model_name
-        with self._image_input(encoded_images, shared_memory) as image_input:
-            result = self._client.infer(
-                model_name=model,
-                inputs=[image_input],
-                outputs=[grpcclient.InferRequestedOutput(name) for name in self.contract.output_names],
-                client_timeout=self.timeout_s,
-                parameters=request_parameters(score_threshold, iou_threshold),
-            )
-        return split_detections(result, self.contract)
+        attempt = 1
+        while True:
+            try:
+                with self._image_input(encoded_images, shared_memory) as image_input:
+                    result = self._client.infer(
+                        model_name=model,
+                        inputs=[image_input],
+                        outputs=[grpcclient.InferRequestedOutput(name) for name in self.contract.output_names],
+                        client_timeout=self.timeout_s,
+                        parameters=request_parameters(score_threshold, iou_threshold),
+                    )
+                return split_detections(result, self.contract)
+            except InferenceServerException as error:
+                if attempt >= self.max_attempts or not retryable(error):
+                    raise
+                time.sleep(self.retry_delay_s(attempt))
+                attempt += 1
+
+    def retry_delay_s(self, attempt: int) -> float:
+        """The wait after failed attempt ``attempt`` (1-based): exponential, capped, jittered."""
+        delay = min(self.retry_backoff_max_s, self.retry_backoff_s * 2 ** (attempt - 1))
+        return random.uniform(delay / 2, delay)
 
     @contextlib.contextmanager
     def _image_input(self, encoded_images: Sequence[bytes], shared_memory: bool):
