@@ -1,9 +1,9 @@
 """Shared fixtures (a real Triton server on the CPU model repository, labelled sample boards) and the test tiers.
 
-Tiers are markers, applied here from what a test uses, so no test has to remember them:
-``live`` (the tritonserver fixture), ``data`` (the DeepPCB trainval folder), ``slow`` (a fixture in
-SLOW_FIXTURES, which takes several seconds), ``gpu`` (NVIDIA GPU; such tests mark themselves and skip
-without one).
+Tiers are markers, applied here from what a test uses: ``live`` (the tritonserver fixture), ``data`` (the
+DeepPCB trainval folder), ``slow`` (a fixture in SLOW_FIXTURES, which takes several seconds). A test that
+starts its own server or is slow by itself carries the mark (tests/test_tiers.py checks the first); ``gpu``
+tests mark themselves and skip without one.
 """
 from __future__ import annotations
 

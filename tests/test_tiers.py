@@ -1,6 +1,7 @@
 """The test tiers are applied from what a test uses (tests/conftest.py), so `make unit` starts no server."""
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -26,5 +27,26 @@ def test_data_and_slow_markers_follow_the_fixtures():
     data = collected("data", "tests/test_training.py", "tests/test_fp16_conversion.py")
     slow = collected("slow", "tests/test_training.py", "tests/test_fp16_conversion.py")
     assert "tests/test_training.py::test_short_training_resumes_and_exports" in data
-    assert slow and all(test.startswith("tests/test_fp16_conversion.py::") for test in slow)
+    assert "tests/test_training.py::test_short_training_resumes_and_exports" in slow  # marked by hand
+    assert {test for test in slow if test.startswith("tests/test_fp16_conversion.py::")}, "the FP16 conversion fixture"
+    assert "tests/test_training.py::test_assignment_prefers_smallest_box_and_centre_region" not in slow
     assert "tests/test_training.py::test_assignment_prefers_smallest_box_and_centre_region" not in data
+
+
+def starts_a_server(function: ast.FunctionDef) -> bool:
+    """Whether a test's body starts a tritonserver itself (``X.on_free_ports(...)``, ``server.start()``, or the
+    ``tools.serve`` command)."""
+    return any((isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("on_free_ports", "start"))
+               or (isinstance(node, ast.Constant) and node.value == "tools.serve") for node in ast.walk(function))
+
+
+def test_tests_that_start_their_own_server_are_marked_live():
+    unmarked = []
+    for path in sorted((REPO_ROOT / "tests").glob("test_*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_") and starts_a_server(node):
+                marks = {ast.unparse(d) for d in node.decorator_list}
+                if "pytest.mark.live" not in marks and "triton_server" not in {a.arg for a in node.args.args}:
+                    unmarked.append(f"{path.name}::{node.name}")
+    assert not unmarked, f"start a tritonserver without @pytest.mark.live: {unmarked}"

@@ -254,6 +254,7 @@ def test_scans_go_through_system_shared_memory_too(triton_server, mosaic_scan):
     assert not status.get("regions"), "the region is unregistered after the request"
 
 
+@pytest.mark.live  # starts its own tritonserver, with tracing
 def test_tile_requests_carry_the_scan_requests_trace(tmp_path, mosaic_scan):
     """A trace of a pcb_scan request includes its pcb_pipeline requests (BLS children) as its children."""
     trace_file = tmp_path / "trace.json"

@@ -14,6 +14,7 @@ from tools.train.network import PcbDefectDetector, grid_centers
 CONTRACT = served_contract()
 
 
+@pytest.mark.slow  # trains, resumes and exports a detector
 def test_short_training_resumes_and_exports(tmp_path, monkeypatch, deeppcb_root):
     args = ["--data", str(deeppcb_root), "--out", str(tmp_path), "--batch", "2", "--steps-per-epoch", "2",
             "--epochs", "3", "--limit", "8", "--crop", "160", "--val-every", "1"]

@@ -101,6 +101,7 @@ def wait_until_ready(http_port: int, process: subprocess.Popen, timeout_s: float
     raise AssertionError("server not ready in time")
 
 
+@pytest.mark.live  # starts its own tritonserver
 def test_serve_cli_stops_cleanly_on_sigterm():
     http_port, grpc_port, metrics_port = free_ports(3)
     env = dict(os.environ, HTTP_PORT=str(http_port), GRPC_PORT=str(grpc_port), METRICS_PORT=str(metrics_port))
@@ -125,6 +126,7 @@ def test_serve_cli_stops_cleanly_on_sigterm():
     assert not left, f"processes left after SIGTERM: {left}"
 
 
+@pytest.mark.live  # starts its own tritonserver
 def test_startup_failure_raises_with_the_log(tmp_path):
     repository = python_model_repository(tmp_path, "broken", 'raise ImportError("missing dependency xyz")\n')
     server = TritonServer.on_free_ports(model_repository=repository, model_config_name=None, ready_models=("broken",))
@@ -134,6 +136,7 @@ def test_startup_failure_raises_with_the_log(tmp_path):
     assert server.pid is None
 
 
+@pytest.mark.live  # starts its own tritonserver
 def test_tracing_writes_request_timestamps(tmp_path):
     repository = python_model_repository(tmp_path / "models", "echo", ECHO_MODEL)
     trace_file = tmp_path / "trace.json"
