@@ -8,10 +8,29 @@ import numpy as np
 import pytest
 
 from tests.array_backends import ARRAY_MODULES, to_numpy
-from tools.pipeline_math import box_ops, load_model_module, postprocess_batch, served_settings
+from tools.contract import MODELS_ROOT, served_contract
+from tools.pipeline_math import box_ops, load_model_module, postprocess_batch, preprocess_image
 
 thresholds = load_model_module("postprocess", "thresholds")
 NUM_CLASSES = 6
+# CPU instances run postprocess_batch_opencv, GPU instances the array code (its CuPy variant runs on a GPU
+# machine); both must give the same detections.
+POSTPROCESS_PATHS = [
+    *(pytest.param(("array", param.values[0]), id=f"array-{param.id}", marks=param.marks) for param in ARRAY_MODULES),
+    pytest.param(("opencv", np), id="opencv"),
+]
+
+
+def run_postprocess(path, pred, geometry, score_threshold, iou_threshold, max_detections=100, pre_nms_top_k=1000):
+    """(num, boxes, scores, classes) as NumPy arrays from one postprocess implementation (POSTPROCESS_PATHS)."""
+    kind, xp = path
+    if kind == "opencv":
+        outputs = box_ops.postprocess_batch_opencv(pred, geometry, score_threshold, iou_threshold, max_detections,
+                                                   pre_nms_top_k)
+    else:
+        outputs = box_ops.postprocess_batch(xp.asarray(pred), xp.asarray(geometry), score_threshold, iou_threshold,
+                                            max_detections, pre_nms_top_k, xp)
+    return tuple(to_numpy(output) for output in outputs)
 
 
 def greedy_nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float) -> list[int]:
@@ -123,53 +142,52 @@ def one_hot_scores(pairs) -> list[list[float]]:
     return rows
 
 
-@pytest.mark.parametrize("xp", ARRAY_MODULES)
-def test_boxes_map_back_to_original_pixels_and_clip(xp):
+@pytest.mark.parametrize("path", POSTPROCESS_PATHS)
+def test_boxes_map_back_to_original_pixels_and_clip(path):
     # a 1280 x 480 image letterboxed into 640 x 640: scale 0.5, pad_y 200
-    geometry = np.array([0.5, 0, 200, 1280, 480], np.float32)
+    geometry = np.array([[0.5, 0, 200, 1280, 480]], np.float32)
     pred = prediction([[120, 270, 40, 40], [630, 230, 40, 80], [300, 500, 20, 20]],
                       one_hot_scores([(2, 0.9), (4, 0.8), (1, 0.7)]))
-    count, boxes, scores, classes = box_ops.postprocess_image(xp.asarray(pred), xp.asarray(geometry), 0.25, 0.45, 100, 1000, xp)
-    assert count == 3
+    num, boxes, scores, classes = run_postprocess(path, pred[None], geometry, 0.25, 0.45)
+    assert num[0, 0] == 3
     # inside; crossing the right and top edges; wholly in the bottom padding (collapses onto the edge)
-    np.testing.assert_allclose(to_numpy(boxes)[:3], [[200, 100, 280, 180], [1220, 0, 1280, 140], [580, 480, 620, 480]])
-    np.testing.assert_allclose(to_numpy(scores)[:3], [0.9, 0.8, 0.7])
-    np.testing.assert_array_equal(to_numpy(classes)[:3], [2, 4, 1])
+    np.testing.assert_allclose(boxes[0, :3], [[200, 100, 280, 180], [1220, 0, 1280, 140], [580, 480, 620, 480]])
+    np.testing.assert_allclose(scores[0, :3], [0.9, 0.8, 0.7])
+    np.testing.assert_array_equal(classes[0, :3], [2, 4, 1])
 
 
-@pytest.mark.parametrize("xp", ARRAY_MODULES)
-def test_score_threshold_is_strict_and_best_class_wins(xp):
+@pytest.mark.parametrize("path", POSTPROCESS_PATHS)
+def test_score_threshold_is_strict_and_best_class_wins(path):
     pred = prediction([[100, 100, 20, 20], [300, 300, 20, 20], [500, 500, 20, 20]],
                       [[0.1, 0.6, 0.2, 0, 0, 0], [0.25, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0.3, 0.31]])
-    geometry = xp.asarray([1, 0, 0, 640, 640], xp.float32)
-    count, _, scores, classes = box_ops.postprocess_image(xp.asarray(pred), geometry, 0.25, 0.45, 100, 1000, xp)
-    assert count == 2
-    np.testing.assert_allclose(to_numpy(scores)[:2], [0.6, 0.31])
-    np.testing.assert_array_equal(to_numpy(classes)[:2], [1, 5])
+    geometry = np.array([[1, 0, 0, 640, 640]], np.float32)
+    num, _, scores, classes = run_postprocess(path, pred[None], geometry, 0.25, 0.45)
+    assert num[0, 0] == 2
+    np.testing.assert_allclose(scores[0, :2], [0.6, 0.31])
+    np.testing.assert_array_equal(classes[0, :2], [1, 5])
 
 
-@pytest.mark.parametrize("xp", ARRAY_MODULES)
-def test_top_k_and_max_detections_cap_and_rows_past_the_count_are_zero(xp):
+@pytest.mark.parametrize("path", POSTPROCESS_PATHS)
+def test_top_k_and_max_detections_cap_and_rows_past_the_count_are_zero(path):
     centres = [[40 + 60 * i, 40, 20, 20] for i in range(10)]  # ten disjoint boxes
-    pred = prediction(centres, one_hot_scores([(i % NUM_CLASSES, 0.5 + i / 100) for i in range(10)]))
-    geometry = xp.asarray([1, 0, 0, 640, 640], xp.float32)
+    pred = prediction(centres, one_hot_scores([(i % NUM_CLASSES, 0.5 + i / 100) for i in range(10)]))[None]
+    geometry = np.array([[1, 0, 0, 640, 640]], np.float32)
 
-    count, boxes, scores, classes = box_ops.postprocess_image(xp.asarray(pred), geometry, 0.25, 0.45, 100, 3, xp)
-    assert count == 3
-    np.testing.assert_allclose(to_numpy(scores)[:3], [0.59, 0.58, 0.57])
+    num, boxes, scores, classes = run_postprocess(path, pred, geometry, 0.25, 0.45, 100, 3)
+    assert num[0, 0] == 3
+    np.testing.assert_allclose(scores[0, :3], [0.59, 0.58, 0.57])
 
-    count, boxes, scores, classes = box_ops.postprocess_image(xp.asarray(pred), geometry, 0.25, 0.45, 4, 1000, xp)
-    assert count == 4 and to_numpy(boxes).shape == (4, 4)
+    num, boxes, scores, classes = run_postprocess(path, pred, geometry, 0.25, 0.45, 4, 1000)
+    assert num[0, 0] == 4 and boxes.shape == (1, 4, 4)
 
-    count, boxes, scores, classes = box_ops.postprocess_image(xp.asarray(pred), geometry, 0.25, 0.45, 20, 1000, xp)
-    assert count == 10
-    boxes, scores, classes = to_numpy(boxes), to_numpy(scores), to_numpy(classes)
+    num, boxes, scores, classes = run_postprocess(path, pred, geometry, 0.25, 0.45, 20, 1000)
+    assert num[0, 0] == 10
     assert boxes.dtype == np.float32 and scores.dtype == np.float32 and classes.dtype == np.int32
-    assert not boxes[10:].any() and not scores[10:].any() and not classes[10:].any()
+    assert not boxes[0, 10:].any() and not scores[0, 10:].any() and not classes[0, 10:].any()
 
 
-@pytest.mark.parametrize("xp", ARRAY_MODULES)
-def test_batch_outputs_follow_the_efficient_nms_layout(xp):
+@pytest.mark.parametrize("path", POSTPROCESS_PATHS)
+def test_batch_outputs_follow_the_efficient_nms_layout(path):
     rng = np.random.default_rng(3)
     pred = np.zeros((3, 4 + NUM_CLASSES, 8400), np.float32)
     pred[:, :2] = rng.uniform(0, 640, (3, 2, 8400))
@@ -177,8 +195,7 @@ def test_batch_outputs_follow_the_efficient_nms_layout(xp):
     pred[:2, 4:] = rng.random((2, NUM_CLASSES, 8400)) ** 8  # the third image has no candidate at all
     geometry = np.array([[1, 0, 0, 640, 640], [0.5, 0, 200, 1280, 480], [2, 0, 0, 320, 320]], np.float32)
 
-    num, boxes, scores, classes = (to_numpy(a) for a in box_ops.postprocess_batch(
-        xp.asarray(pred), xp.asarray(geometry), 0.25, 0.45, 100, 1000, xp))
+    num, boxes, scores, classes = run_postprocess(path, pred, geometry, 0.25, 0.45)
     assert num.shape == (3, 1) and num.dtype == np.int32
     assert boxes.shape == (3, 100, 4) and scores.shape == (3, 100) and classes.shape == (3, 100)
     assert num[2, 0] == 0 and not boxes[2].any()
@@ -191,13 +208,95 @@ def test_batch_outputs_follow_the_efficient_nms_layout(xp):
 
 
 def test_served_defaults_fill_in_unset_arguments():
-    settings = served_settings()
-    pred = prediction([[100, 100, 20, 20], [300, 300, 20, 20]], one_hot_scores([(0, settings.score_threshold + 0.01), (3, 0.99)]))
+    contract = served_contract()
+    pred = prediction([[100, 100, 20, 20], [300, 300, 20, 20]], one_hot_scores([(0, contract.score_threshold + 0.01), (3, 0.99)]))
     geometry = np.array([[1, 0, 0, 640, 640]], np.float32)
     num, boxes, _, _ = postprocess_batch(pred[None], geometry)
-    assert num[0, 0] == 2 and boxes.shape == (1, settings.max_detections, 4)
-    num, _, _, _ = postprocess_batch(pred[None], geometry, score_threshold=settings.score_threshold + 0.02)
+    assert num[0, 0] == 2 and boxes.shape == (1, contract.max_detections, 4)
+    num, _, _, _ = postprocess_batch(pred[None], geometry, score_threshold=contract.score_threshold + 0.02)
     assert num[0, 0] == 1
+
+
+# --- the CPU path (OpenCV NMS) against the array path ---------------------------------------------
+
+
+def random_predictions(rng: np.random.Generator, batch: int, num_anchors: int) -> np.ndarray:
+    """Detector outputs with crowded boxes (long suppression chains), some reaching past the input's edges,
+    and best scores that never tie (so both paths must rank every candidate the same way)."""
+    pred = np.zeros((batch, 4 + NUM_CLASSES, num_anchors), np.float32)
+    centres = rng.uniform(-20, 660, (batch, 8, 2))
+    pick = rng.integers(0, 8, (batch, num_anchors))
+    pred[:, :2] = np.take_along_axis(centres, pick[..., None], axis=1).transpose(0, 2, 1)
+    pred[:, :2] += rng.normal(0, 8, (batch, 2, num_anchors))
+    pred[:, 2:4] = rng.uniform(8, 60, (batch, 2, num_anchors))
+    best = (rng.permuted(np.tile(np.arange(num_anchors), (batch, 1)), axis=1) + 1) / (num_anchors + 1)
+    pred[:, 4:] = rng.random((batch, NUM_CLASSES, num_anchors)) * best[:, None]  # below the best class
+    pred[np.arange(batch)[:, None], 4 + rng.integers(0, NUM_CLASSES, (batch, num_anchors)), np.arange(num_anchors)] = best
+    return pred
+
+
+def assert_same_detections(opencv, array) -> None:
+    """Bit for bit: both paths rank, suppress, cap and map back the same candidates with the same float32 ops."""
+    for name, got, expected in zip(("num", "boxes", "scores", "classes"), opencv, array):
+        assert got.dtype == expected.dtype and got.shape == expected.shape, name
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+
+
+@pytest.mark.parametrize("xp", ARRAY_MODULES)
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("score_threshold,iou_threshold,pre_nms_top_k,max_detections", [
+    (0.25, 0.45, 1000, 1000), (0.001, 0.3, 1000, 1000), (0.0, 0.7, 300, 1000),  # every kept box compared
+    (0.25, 0.45, 1000, 100), (0.05, 0.45, 1000, 20)])  # capped at K
+def test_opencv_postprocess_equals_the_array_postprocess(xp, seed, score_threshold, iou_threshold, pre_nms_top_k,
+                                                          max_detections):
+    pred = random_predictions(np.random.default_rng(seed), 3, 2000)
+    geometry = np.array([[1, 0, 0, 640, 640], [0.5, 0, 200, 1280, 480], [1.6, 0, 64, 400, 320]], np.float32)
+    settings = (score_threshold, iou_threshold, max_detections, pre_nms_top_k)
+    assert_same_detections(run_postprocess(("opencv", np), pred, geometry, *settings),
+                           run_postprocess(("array", xp), pred, geometry, *settings))
+
+
+@pytest.mark.parametrize("path", POSTPROCESS_PATHS)
+def test_each_image_takes_its_own_thresholds(path):
+    """A dynamic batch mixes requests with different thresholds: each image gets its own, as if alone."""
+    pred = random_predictions(np.random.default_rng(7), 4, 1500)
+    geometry = np.tile(np.array([1, 0, 0, 640, 640], np.float32), (4, 1))
+    score_thresholds, iou_thresholds = [0.9, 0.001, 0.5, 0.9], [0.45, 0.3, 0.7, 0.6]
+    batched = run_postprocess(path, pred, geometry, score_thresholds, iou_thresholds)
+    for i in range(4):
+        alone = run_postprocess(path, pred[i : i + 1], geometry[i : i + 1], score_thresholds[i], iou_thresholds[i])
+        assert_same_detections(tuple(output[i : i + 1] for output in batched), alone)
+
+
+def test_opencv_nms_keeps_classes_apart_whatever_the_coordinates():
+    """NMSBoxesBatched offsets class c by c * (largest coordinate + 1): without first moving the boxes to
+    non-negative coordinates, a class-1 box at (-41, -41) would land on a class-0 box in the far corner."""
+    boxes = np.array([[600, 600, 640, 640], [-41, -41, -1, -1]], np.float32)
+    kept = box_ops.class_aware_nms_opencv(boxes, np.array([0.9, 0.8], np.float32), np.array([0, 1]), 0.45)
+    assert sorted(kept.tolist()) == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def detector_outputs(synthetic_boards):
+    """Real detector outputs (1/model.onnx on ONNX Runtime) for synthetic boards, whole and cropped to letterbox."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(MODELS_ROOT / "pcb_defect_detector" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    images = [cv2.imread(str(sample.image_path), cv2.IMREAD_GRAYSCALE) for sample in synthetic_boards]
+    images += [images[0][:, :400], images[1][300:]]
+    tensors, geometries = zip(*(preprocess_image(cv2.imencode(".png", image)[1].tobytes()) for image in images))
+    (pred,) = session.run(None, {session.get_inputs()[0].name: np.stack(tensors)})
+    return pred, np.stack(geometries)
+
+
+@pytest.mark.parametrize("xp", ARRAY_MODULES)
+@pytest.mark.parametrize("score_threshold", [0.55, 0.01, 0.001])
+def test_opencv_postprocess_equals_the_array_postprocess_on_detector_outputs(xp, detector_outputs, score_threshold):
+    pred, geometry = detector_outputs
+    opencv = run_postprocess(("opencv", np), pred, geometry, score_threshold, 0.45)
+    assert_same_detections(opencv, run_postprocess(("array", xp), pred, geometry, score_threshold, 0.45))
+    assert opencv[0].min() > 0  # every board has detections, so NMS and the mapping were exercised
 
 
 # --- threshold request parameters -----------------------------------------------------------------

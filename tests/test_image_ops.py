@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tests.array_backends import ARRAY_MODULES, to_numpy
-from tools.pipeline_math import MODELS_ROOT, image_ops, preprocess_image, served_settings
+from tools.contract import MODELS_ROOT, served_contract
+from tools.pipeline_math import image_ops, preprocess_image
 
 ImageRejected = image_ops.ImageRejected
 LOSSLESS_FORMATS = (".png", ".bmp", ".tiff")
@@ -18,6 +19,18 @@ ALL_FORMATS = (".jpg",) + LOSSLESS_FORMATS
 INPUT_SIZE = 640
 # (height, width): square, wide, tall, odd, extreme aspect, large, upscaled, tiny
 SIZES = [(640, 640), (480, 1280), (900, 300), (1001, 1000), (200, 3000), (3000, 4000), (100, 150), (37, 45)]
+# Sizes the letterbox keeps at scale 1 (only padded); and one-pixel strips, whose short side stays one pixel
+UNSCALED_SIZES = [(640, 640), (640, 320), (200, 640)]
+STRIP_SIZES = [(1, 3000), (3000, 1)]
+# The CPU instances' OpenCV letterbox against the GPU instances' array letterbox, which the CuPy variant
+# runs on a GPU machine. OpenCV resizes uint8 with fixed-point weights (11 bits, fewer in its vector code)
+# and rounds to whole grey levels, the array code stays in float32: at most 0.5 + a fraction of a grey
+# level apart (0.80 the worst seen on white noise); one grey level is the bound.
+RESIZE_TOLERANCE = 1 / 255
+LETTERBOX_PATHS = [
+    *(pytest.param(("array", param.values[0]), id=f"array-{param.id}", marks=param.marks) for param in ARRAY_MODULES),
+    pytest.param(("opencv", np), id="opencv"),
+]
 
 
 def encode(image: np.ndarray, extension: str) -> bytes:
@@ -31,6 +44,15 @@ def smooth_image(height: int, width: int, channels: int, seed: int = 0) -> np.nd
     noise = np.random.default_rng(seed).random((height, width, channels)).astype(np.float32) * 255
     blurred = cv2.GaussianBlur(noise, (7, 7), 2).reshape(height, width, channels)
     return np.clip((blurred - blurred.mean()) * 4 + 128, 0, 255).astype(np.uint8)
+
+
+def run_letterbox(path, image: np.ndarray, pad_value: float = 114):
+    """(tensor, geometry) as NumPy arrays from one letterbox implementation (see LETTERBOX_PATHS)."""
+    kind, xp = path
+    if kind == "opencv":
+        return image_ops.letterbox_opencv(image, INPUT_SIZE, INPUT_SIZE, pad_value)
+    tensor, geometry = image_ops.letterbox(xp.asarray(image), INPUT_SIZE, INPUT_SIZE, pad_value, xp)
+    return to_numpy(tensor), to_numpy(geometry)
 
 
 # --- resize and letterbox -------------------------------------------------------------------------
@@ -52,12 +74,11 @@ def test_resize_matches_opencv_inter_linear(xp, height, width, scale):
     assert np.abs(np.rint(to_numpy(resized8)) - expected8).max() <= 1
 
 
-@pytest.mark.parametrize("xp", ARRAY_MODULES)
+@pytest.mark.parametrize("path", LETTERBOX_PATHS)
 @pytest.mark.parametrize("height,width", SIZES)
-def test_letterbox_places_the_resized_image_on_a_padded_canvas(xp, height, width):
+def test_letterbox_places_the_resized_image_on_a_padded_canvas(path, height, width):
     image = smooth_image(height, width, 1)
-    tensor, geometry = image_ops.letterbox(xp.asarray(image), INPUT_SIZE, INPUT_SIZE, 114, xp)
-    tensor, geometry = to_numpy(tensor), to_numpy(geometry)
+    tensor, geometry = run_letterbox(path, image)
     scale, pad_x, pad_y, resized_width, resized_height = image_ops.letterbox_geometry(height, width, INPUT_SIZE, INPUT_SIZE)
 
     assert tensor.shape == (1, INPUT_SIZE, INPUT_SIZE) and tensor.dtype == np.float32
@@ -84,9 +105,9 @@ def centroid(plane: np.ndarray) -> tuple[float, float]:
     return float((plane * xs).sum() / plane.sum()), float((plane * ys).sum() / plane.sum())
 
 
-@pytest.mark.parametrize("xp", ARRAY_MODULES)
+@pytest.mark.parametrize("path", LETTERBOX_PATHS)
 @pytest.mark.parametrize("height,width", SIZES)
-def test_geometry_maps_points_back_to_sub_pixel_exactness(xp, height, width):
+def test_geometry_maps_points_back_to_sub_pixel_exactness(path, height, width):
     """A blob's position survives letterbox + geometry; mapping points forward and back is the identity."""
     rng = np.random.default_rng(height * 7 + width)
     scale, *_ = image_ops.letterbox_geometry(height, width, INPUT_SIZE, INPUT_SIZE)
@@ -97,9 +118,9 @@ def test_geometry_maps_points_back_to_sub_pixel_exactness(xp, height, width):
         gauss_y = np.exp(-((np.arange(height) + 0.5 - centre_y) ** 2) / (2 * sigma**2))
         image = (np.outer(gauss_y, gauss_x) * 255).astype(np.float32)[..., None]
 
-        tensor, geometry = image_ops.letterbox(xp.asarray(image), INPUT_SIZE, INPUT_SIZE, 0, xp)
-        scale, pad_x, pad_y = (float(v) for v in to_numpy(geometry)[:3])
-        seen_x, seen_y = centroid(to_numpy(tensor)[0])
+        tensor, geometry = run_letterbox(path, image, pad_value=0)
+        scale, pad_x, pad_y = (float(v) for v in geometry[:3])
+        seen_x, seen_y = centroid(tensor[0])
         true_x, true_y = centroid(image[..., 0])
         assert abs((seen_x - pad_x) / scale - true_x) * scale < 0.01  # in detector-input pixels
         assert abs((seen_y - pad_y) / scale - true_y) * scale < 0.01
@@ -108,6 +129,64 @@ def test_geometry_maps_points_back_to_sub_pixel_exactness(xp, height, width):
     forward = points * scale + [pad_x, pad_y]
     assert ((forward >= 0) & (forward <= INPUT_SIZE)).all()
     np.testing.assert_allclose((forward - [pad_x, pad_y]) / scale, points, atol=1e-3)
+
+
+def assert_same_letterbox(opencv, array, exact: bool) -> None:
+    """Same geometry, layout and border to the bit; pixels exactly equal or within RESIZE_TOLERANCE."""
+    (tensor, geometry), (expected_tensor, expected_geometry) = opencv, array
+    assert tensor.shape == expected_tensor.shape and tensor.dtype == np.float32 and tensor.flags.c_contiguous
+    np.testing.assert_array_equal(geometry, expected_geometry)
+    assert geometry.dtype == np.float32
+    _, pad_x, pad_y, width, height = (int(v) for v in expected_geometry)
+    _, _, _, resized_width, resized_height = image_ops.letterbox_geometry(height, width, INPUT_SIZE, INPUT_SIZE)
+    border = np.ones(tensor.shape[1:], bool)
+    border[pad_y : pad_y + resized_height, pad_x : pad_x + resized_width] = False
+    np.testing.assert_array_equal(tensor[:, border], expected_tensor[:, border])
+    if exact:
+        np.testing.assert_array_equal(tensor, expected_tensor)
+    else:
+        np.testing.assert_allclose(tensor, expected_tensor, rtol=0, atol=RESIZE_TOLERANCE)
+
+
+@pytest.mark.parametrize("xp", ARRAY_MODULES)
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("height,width", SIZES + UNSCALED_SIZES + STRIP_SIZES)
+def test_opencv_letterbox_matches_the_array_letterbox(xp, channels, height, width):
+    """White noise: a sampling position off by any fraction of a pixel would move values far past the bound."""
+    image = np.random.default_rng(height * 3 + width).integers(0, 256, (height, width, channels), dtype=np.uint8)
+    unscaled = image_ops.letterbox_geometry(height, width, INPUT_SIZE, INPUT_SIZE)[0] == 1
+    assert_same_letterbox(run_letterbox(("opencv", np), image), run_letterbox(("array", xp), image), exact=unscaled)
+
+
+def test_opencv_letterbox_resizes_only_when_the_size_changes(monkeypatch):
+    def no_resize(*args, **kwargs):
+        raise AssertionError("an image kept at scale 1 must not be resized")
+
+    monkeypatch.setattr(image_ops.cv2, "resize", no_resize)
+    for height, width in UNSCALED_SIZES:
+        tensor, _ = image_ops.letterbox_opencv(smooth_image(height, width, 1), INPUT_SIZE, INPUT_SIZE, 114)
+        assert tensor.shape == (1, INPUT_SIZE, INPUT_SIZE)
+
+
+@pytest.mark.parametrize("xp", ARRAY_MODULES)
+@pytest.mark.parametrize("extension", ALL_FORMATS)
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("height,width", [(640, 640), (480, 1280), (700, 500)])
+def test_opencv_preprocess_matches_the_array_preprocess(xp, extension, channels, height, width):
+    encoded = encode(smooth_image(height, width, 3), extension)
+    arguments = (encoded, INPUT_SIZE, INPUT_SIZE, channels, 114, 10**7)
+    array = tuple(to_numpy(a) for a in image_ops.preprocess_image(*arguments, xp=xp))
+    assert_same_letterbox(image_ops.preprocess_image_opencv(*arguments), array, exact=(height, width) == (640, 640))
+
+
+def test_opencv_preprocess_rejects_what_the_array_preprocess_rejects():
+    arguments = (INPUT_SIZE, INPUT_SIZE, 1, 114, 10**6)
+    for data, reason in [(b"", "empty image data"), (b"%PDF-1.7", "not a JPEG"),
+                         (encode(smooth_image(40, 60, 1), ".png")[:-20], "truncated"),
+                         (jpeg_declaring(2000, 1000), "over the limit of 1000000 pixels")]:
+        for preprocess in (image_ops.preprocess_image, image_ops.preprocess_image_opencv):
+            with pytest.raises(ImageRejected, match=reason):
+                preprocess(data, *arguments)
 
 
 # --- decoding -------------------------------------------------------------------------------------
@@ -138,10 +217,10 @@ def test_sixteen_bit_png_decodes_to_eight_bits():
 
 
 def test_preprocess_image_uses_the_served_settings():
-    settings = served_settings()
+    contract = served_contract()
     image = smooth_image(640, 640, 1)
     tensor, geometry = preprocess_image(encode(image, ".png"))
-    assert tensor.shape == (settings.channels, settings.input_height, settings.input_width)
+    assert tensor.shape == (contract.channels, contract.input_height, contract.input_width)
     np.testing.assert_array_equal(geometry, [1, 0, 0, 640, 640])
     np.testing.assert_allclose(tensor[0], image[..., 0] / np.float32(255), rtol=1e-6)
 
@@ -190,13 +269,14 @@ def jpeg_declaring(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def test_pixel_limit_is_checked_from_the_header_before_decoding(monkeypatch):
+@pytest.mark.parametrize("preprocess", [image_ops.preprocess_image, image_ops.preprocess_image_opencv])
+def test_pixel_limit_is_checked_from_the_header_before_decoding(monkeypatch, preprocess):
     def no_decoding(*args):
         raise AssertionError("the pixels must not be decoded")
 
     monkeypatch.setattr(image_ops.cv2, "imdecode", no_decoding)
     with pytest.raises(ImageRejected, match=r"declares 60000x50000 = 3000000000 pixels, over the limit of 40000000"):
-        image_ops.decode_image(jpeg_declaring(60000, 50000), channels=1, max_pixels=40_000_000)
+        preprocess(jpeg_declaring(60000, 50000), INPUT_SIZE, INPUT_SIZE, 1, 114, 40_000_000)
 
 
 @pytest.mark.parametrize("extension", ALL_FORMATS)

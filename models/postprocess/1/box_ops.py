@@ -1,11 +1,21 @@
-"""Detector output -> final detections (EfficientNMS layout), written once for NumPy and CuPy (``xp``).
+"""Detector output -> final detections (EfficientNMS layout).
 
 Per image: best class per anchor, score threshold (strictly greater), pre-NMS top-k by score, class-aware
 NMS, at most K detections, boxes mapped back to original pixels and clipped, zero rows past the count.
+
+Two implementations with the same results: ``postprocess_batch_opencv`` for CPU instances (the whole batch
+in a few NumPy operations and OpenCV's greedy NMS, no n x n matrix), and array code written once for NumPy
+and CuPy (``xp``) for GPU instances (``postprocess_batch``, cluster NMS as matrix operations).
 """
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
+
+import cv2
 import numpy as np
+
+BOX_ROWS = 4  # cx, cy, w, h; one score row per class follows
 
 
 def cxcywh_to_xyxy(boxes, xp):
@@ -76,15 +86,24 @@ def postprocess_image(pred, geometry, score_threshold: float, iou_threshold: flo
     return count, out_boxes, out_scores, out_classes
 
 
-def postprocess_batch(pred, geometry, score_threshold: float, iou_threshold: float, max_detections: int,
-                      pre_nms_top_k: int, xp=np):
-    """A batch: pred (B, 4 + num_classes, N), geometry (B, 5).
+def per_image(threshold: float | Sequence[float], batch: int) -> list[float]:
+    """One threshold per image: a single value repeated, or the given per-image values."""
+    values = [float(threshold)] * batch if isinstance(threshold, numbers.Real) else [float(t) for t in threshold]
+    if len(values) != batch:
+        raise ValueError(f"{len(values)} thresholds for a batch of {batch} images")
+    return values
+
+
+def postprocess_batch(pred, geometry, score_threshold: float | Sequence[float],
+                      iou_threshold: float | Sequence[float], max_detections: int, pre_nms_top_k: int, xp=np):
+    """A batch: pred (B, 4 + num_classes, N), geometry (B, 5); each threshold one value or one per image.
 
     Returns (num_detections (B, 1) int32, boxes (B, K, 4) float32, scores (B, K) float32, classes (B, K) int32).
     """
+    batch = pred.shape[0]
     results = [
-        postprocess_image(pred[i], geometry[i], score_threshold, iou_threshold, max_detections, pre_nms_top_k, xp)
-        for i in range(pred.shape[0])
+        postprocess_image(pred[i], geometry[i], score, iou, max_detections, pre_nms_top_k, xp)
+        for i, score, iou in zip(range(batch), per_image(score_threshold, batch), per_image(iou_threshold, batch))
     ]
     counts, boxes, scores, classes = zip(*results)
     return (
@@ -93,3 +112,73 @@ def postprocess_batch(pred, geometry, score_threshold: float, iou_threshold: flo
         xp.stack(scores),
         xp.stack(classes),
     )
+
+
+def rank_within_image(image: np.ndarray) -> np.ndarray:
+    """For rows sorted by image index: each row's position among its image's rows (0, 1, ...)."""
+    return np.arange(image.size) - np.searchsorted(image, image, side="left")
+
+
+def class_aware_nms_opencv(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy class-aware NMS (cv2.dnn.NMSBoxesBatched) of (n, 4) x1y1x2y2 boxes; kept indices, any order.
+
+    OpenCV separates the classes by shifting each box by ``class * (largest coordinate + 1)``, which keeps
+    them apart only when no coordinate is negative, so the boxes are first moved (IoU does not change).
+    Every candidate here is already above its request's score threshold (>= 0), so OpenCV's own score
+    filter, given 0, lets them all through.
+    """
+    corners = boxes.astype(np.float64)
+    corners -= corners.min(initial=0.0)
+    xywh = np.concatenate([corners[:, :2], corners[:, 2:] - corners[:, :2]], axis=1)  # OpenCV's Rect2d
+    kept = cv2.dnn.NMSBoxesBatched(xywh, scores, classes.astype(np.int32), 0.0, iou_threshold)
+    return np.asarray(kept, dtype=np.intp).reshape(-1)  # () when nothing is kept
+
+
+def postprocess_batch_opencv(pred: np.ndarray, geometry: np.ndarray, score_threshold: float | Sequence[float],
+                             iou_threshold: float | Sequence[float], max_detections: int, pre_nms_top_k: int):
+    """``postprocess_batch`` for CPU instances: the same inputs and outputs, the whole batch at once.
+
+    Candidates of every image are thresholded, ranked (by image, then descending score, ties in anchor
+    order as in ``postprocess_image``), capped and mapped back together; only NMS runs image by image.
+    """
+    batch, _, num_anchors = pred.shape
+    # float32 like the array code, where NumPy compares a Python float with float32 scores in float32
+    score_thresholds = np.asarray(per_image(score_threshold, batch), dtype=np.float32)
+    iou_thresholds = per_image(iou_threshold, batch)
+    best_score = pred[:, BOX_ROWS:].max(axis=1)
+
+    # by image, then anchor (flat indices: two-dimensional nonzero is several times slower)
+    image, anchor = np.divmod(np.flatnonzero(best_score > score_thresholds[:, None]), num_anchors)
+    order = np.lexsort((-best_score[image, anchor], image))  # stable: equal scores stay in anchor order
+    image, anchor = image[order], anchor[order]
+    top = rank_within_image(image) < pre_nms_top_k
+    image, anchor = image[top], anchor[top]
+    candidates = pred[image, :, anchor]  # (M, 4 + num_classes)
+    scores = best_score[image, anchor]
+    classes = candidates[:, BOX_ROWS:].argmax(axis=1)  # candidates only: argmax over all anchors is slow
+    boxes = cxcywh_to_xyxy(candidates[:, :BOX_ROWS], np)
+
+    keep = np.zeros(image.size, dtype=bool)
+    # One NMS call per image: OpenCV tests each candidate against every box kept so far in the call, so
+    # a call spanning images would cost the batch size squared.
+    bounds = np.searchsorted(image, np.arange(batch + 1))
+    for index, (first, last) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if first < last:
+            kept_here = class_aware_nms_opencv(boxes[first:last], scores[first:last], classes[first:last],
+                                               iou_thresholds[index])
+            keep[first + kept_here] = True
+    kept = np.flatnonzero(keep)  # still by image, then descending score
+    rank = rank_within_image(image[kept])
+    kept, rank = kept[rank < max_detections], rank[rank < max_detections]
+    image = image[kept]
+
+    placement = geometry[image]
+    scale, pad, limit = placement[:, :1], placement[:, [1, 2, 1, 2]], placement[:, [3, 4, 3, 4]]
+    out_boxes = np.zeros((batch, max_detections, 4), dtype=np.float32)
+    out_scores = np.zeros((batch, max_detections), dtype=np.float32)
+    out_classes = np.zeros((batch, max_detections), dtype=np.int32)
+    out_boxes[image, rank] = np.clip((boxes[kept] - pad) / scale, 0, limit)
+    out_scores[image, rank] = scores[kept]
+    out_classes[image, rank] = classes[kept]
+    counts = np.bincount(image, minlength=batch).astype(np.int32).reshape(-1, 1)
+    return counts, out_boxes, out_scores, out_classes

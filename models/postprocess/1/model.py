@@ -2,15 +2,16 @@
 
 Defaults come from the config parameters `score_threshold`, `iou_threshold`, `pre_nms_top_k`; K (the
 padded detection count) from the BOXES output dims. Requests may override the two thresholds with request
-parameters of the same names. The array code is box_ops.py beside this file.
+parameters of the same names. All requests of a dynamic batch go through one batched call, each image with
+its own request's thresholds: box_ops.postprocess_batch_opencv on CPU instances, box_ops.postprocess_batch
+(CuPy) on GPU instances. The array code is box_ops.py beside this file.
 """
 import json
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
 import box_ops
+import numpy as np
 import thresholds
+import triton_python_backend_utils as pb_utils
 
 OUTPUT_NAMES = ("NUM_DETECTIONS", "BOXES", "SCORES", "CLASSES")
 
@@ -33,19 +34,43 @@ class TritonPythonModel:
             self.xp = cupy
 
     def execute(self, requests):
-        return [self._respond(request) for request in requests]
-
-    def _respond(self, request):
-        try:
-            chosen = thresholds.resolve_thresholds(json.loads(request.parameters()), self.default_thresholds)
-        except ValueError as exc:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
-        outputs = box_ops.postprocess_batch(
-            self._input(request, "output0"), self._input(request, "LETTERBOX"),
-            chosen["score_threshold"], chosen["iou_threshold"], self.max_detections, self.pre_nms_top_k, self.xp,
+        responses = [None] * len(requests)
+        accepted = []  # (request index, its thresholds)
+        for index, request in enumerate(requests):
+            try:
+                accepted.append((index, thresholds.resolve_thresholds(json.loads(request.parameters()),
+                                                                      self.default_thresholds)))
+            except ValueError as exc:
+                responses[index] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+                )
+        if not accepted:
+            return responses
+        predictions = [self._input(requests[index], "output0") for index, _ in accepted]
+        geometries = [self._input(requests[index], "LETTERBOX") for index, _ in accepted]
+        sizes = [int(prediction.shape[0]) for prediction in predictions]
+        outputs = self._postprocess(
+            self._concatenate(predictions), self._concatenate(geometries),
+            np.repeat([chosen["score_threshold"] for _, chosen in accepted], sizes),
+            np.repeat([chosen["iou_threshold"] for _, chosen in accepted], sizes),
         )
-        return pb_utils.InferenceResponse(
-            output_tensors=[self._output(name, array) for name, array in zip(OUTPUT_NAMES, outputs)]
+        for (index, _), end, size in zip(accepted, np.cumsum(sizes), sizes):
+            responses[index] = pb_utils.InferenceResponse(
+                output_tensors=[self._output(name, array[end - size : end]) for name, array in zip(OUTPUT_NAMES, outputs)]
+            )
+        return responses
+
+    def _concatenate(self, arrays):
+        """One batch of the requests' tensors; the dynamic batcher only batches requests of equal shapes."""
+        return arrays[0] if len(arrays) == 1 else self.xp.concatenate(arrays)  # a lone request: no copy
+
+    def _postprocess(self, pred, geometry, score_thresholds, iou_thresholds):
+        if self.xp is np:
+            return box_ops.postprocess_batch_opencv(
+                pred, geometry, score_thresholds, iou_thresholds, self.max_detections, self.pre_nms_top_k
+            )
+        return box_ops.postprocess_batch(
+            pred, geometry, score_thresholds, iou_thresholds, self.max_detections, self.pre_nms_top_k, self.xp
         )
 
     def _output(self, name, array):

@@ -1,8 +1,10 @@
 """Triton glue for preprocess: encoded IMAGE bytes -> letterboxed `images` and `LETTERBOX` geometry.
 
 The input size and channel count come from the `images` output dims; `pad_value` and `max_image_pixels`
-from the config parameters. The array code is image_ops.py beside this file.
+from the config parameters. CPU instances letterbox with OpenCV (image_ops.preprocess_image_opencv), GPU
+instances with the array code on CuPy (image_ops.preprocess_image); both are in image_ops.py beside this file.
 """
+import functools
 import json
 import os
 
@@ -15,6 +17,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
         self.pad_value = float(parameters["pad_value"])
+        if not (self.pad_value.is_integer() and 0 <= self.pad_value <= 255):
+            raise ValueError(f"pad_value must be a whole grey level from 0 to 255, got {parameters['pad_value']!r}")
         self.max_image_pixels = int(parameters["max_image_pixels"])
         channels, height, width = pb_utils.get_output_config_by_name(config, "images")["dims"]
         self.channels, self.input_height, self.input_width = int(channels), int(height), int(width)
@@ -25,11 +29,13 @@ class TritonPythonModel:
 
         self.image_ops = image_ops
         self.xp = np
+        self.preprocess_image = image_ops.preprocess_image_opencv
         if args["model_instance_kind"] == "GPU":  # GPU only (CuPy); not run on the CPU-only dev machines
             import cupy
 
             cupy.cuda.Device(int(args["model_instance_device_id"])).use()
             self.xp = cupy
+            self.preprocess_image = functools.partial(image_ops.preprocess_image, xp=cupy)
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]
@@ -39,9 +45,9 @@ class TritonPythonModel:
         tensors, geometries = [], []
         for index, encoded in enumerate(encoded_images):
             try:
-                tensor, geometry = self.image_ops.preprocess_image(
+                tensor, geometry = self.preprocess_image(
                     encoded, self.input_height, self.input_width, self.channels, self.pad_value,
-                    self.max_image_pixels, self.xp,
+                    self.max_image_pixels,
                 )
             except self.image_ops.ImageRejected as exc:
                 return pb_utils.InferenceResponse(
@@ -49,11 +55,10 @@ class TritonPythonModel:
                 )
             tensors.append(tensor)
             geometries.append(geometry)
+        # A lone image (the usual request) needs no stacking copy.
+        images = tensors[0][None] if len(tensors) == 1 else self.xp.stack(tensors)
         return pb_utils.InferenceResponse(
-            output_tensors=[
-                self._output("images", self.xp.stack(tensors)),
-                self._output("LETTERBOX", self.xp.stack(geometries)),
-            ]
+            output_tensors=[self._output("images", images), self._output("LETTERBOX", self.xp.stack(geometries))]
         )
 
     def _output(self, name, array):
