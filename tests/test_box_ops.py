@@ -9,7 +9,7 @@ import pytest
 
 from tests.array_backends import ARRAY_MODULES, to_numpy
 from tools.contract import MODELS_ROOT, served_contract
-from tools.pipeline_math import box_ops, load_model_module, postprocess_batch, preprocess_image
+from tools.pipeline_math import box_ops, load_model_module, postprocess_as_served, preprocess_as_served
 
 thresholds = load_model_module("postprocess", "thresholds")
 NUM_CLASSES = 6
@@ -211,9 +211,9 @@ def test_served_defaults_fill_in_unset_arguments():
     contract = served_contract()
     pred = prediction([[100, 100, 20, 20], [300, 300, 20, 20]], one_hot_scores([(0, contract.score_threshold + 0.01), (3, 0.99)]))
     geometry = np.array([[1, 0, 0, 640, 640]], np.float32)
-    num, boxes, _, _ = postprocess_batch(pred[None], geometry)
+    num, boxes, _, _ = postprocess_as_served(pred[None], geometry)
     assert num[0, 0] == 2 and boxes.shape == (1, contract.max_detections, 4)
-    num, _, _, _ = postprocess_batch(pred[None], geometry, score_threshold=contract.score_threshold + 0.02)
+    num, _, _, _ = postprocess_as_served(pred[None], geometry, score_threshold=contract.score_threshold + 0.02)
     assert num[0, 0] == 1
 
 
@@ -285,7 +285,7 @@ def detector_outputs(synthetic_boards):
                                    providers=["CPUExecutionProvider"])
     images = [cv2.imread(str(sample.image_path), cv2.IMREAD_GRAYSCALE) for sample in synthetic_boards]
     images += [images[0][:, :400], images[1][300:]]
-    tensors, geometries = zip(*(preprocess_image(cv2.imencode(".png", image)[1].tobytes()) for image in images))
+    tensors, geometries = zip(*(preprocess_as_served(cv2.imencode(".png", image)[1].tobytes()) for image in images))
     (pred,) = session.run(None, {session.get_inputs()[0].name: np.stack(tensors)})
     return pred, np.stack(geometries)
 

@@ -12,7 +12,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tools.contract import MODELS_ROOT, served_contract
-from tools.pipeline_math import postprocess_batch, preprocess_image
+from tools.pipeline_math import postprocess_as_served, preprocess_as_served
 
 CONTRACT = served_contract("cpu")  # what the test server serves
 # Per request: score_threshold (None: the served default); "bad" is refused with an error naming it.
@@ -23,7 +23,7 @@ WAVES = 5  # tries for the dynamic batcher to put several requests into one exec
 @pytest.fixture(scope="module")
 def detector_output(board_bytes):
     """The detector's output0 and the letterbox geometry for one board, computed here with ONNX Runtime."""
-    tensor, geometry = preprocess_image(board_bytes)
+    tensor, geometry = preprocess_as_served(board_bytes)
     session = ort.InferenceSession(str(MODELS_ROOT / CONTRACT.detector_model / "1" / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
     (pred,) = session.run(None, {session.get_inputs()[0].name: tensor[None]})
@@ -56,9 +56,9 @@ def largest_postprocess_batch(server) -> int:
 
 def test_batched_requests_each_get_their_own_detections_and_errors(triton_server, detector_output):
     """Concurrent requests with different thresholds, batched together by the server, each get exactly what
-    the array code gives for that request alone; the one with a bad threshold gets its own error."""
+    the served postprocess code gives for that request alone; the one with a bad threshold gets its own error."""
     pred, geometry = detector_output
-    expected = {threshold: postprocess_batch(pred, geometry, score_threshold=threshold)
+    expected = {threshold: postprocess_as_served(pred, geometry, score_threshold=threshold)
                 for threshold in set(THRESHOLDS) - {"bad"}}
     batched = False
     for _ in range(WAVES):

@@ -11,7 +11,7 @@ import pytest
 
 from tests.array_backends import ARRAY_MODULES, to_numpy
 from tools.contract import MODELS_ROOT, served_contract
-from tools.pipeline_math import image_ops, preprocess_image
+from tools.pipeline_math import image_ops, preprocess_as_served
 
 ImageRejected = image_ops.ImageRejected
 LOSSLESS_FORMATS = (".png", ".bmp", ".tiff")
@@ -219,7 +219,7 @@ def test_sixteen_bit_png_decodes_to_eight_bits():
 def test_preprocess_image_uses_the_served_settings():
     contract = served_contract()
     image = smooth_image(640, 640, 1)
-    tensor, geometry = preprocess_image(encode(image, ".png"))
+    tensor, geometry = preprocess_as_served(encode(image, ".png"))
     assert tensor.shape == (contract.channels, contract.input_height, contract.input_width)
     np.testing.assert_array_equal(geometry, [1, 0, 0, 640, 640])
     np.testing.assert_allclose(tensor[0], image[..., 0] / np.float32(255), rtol=1e-6)

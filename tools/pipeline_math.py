@@ -1,19 +1,19 @@
 """The serve-time code of the preprocess, postprocess and scan models, for tools and tests.
 
 Loads ``models/preprocess/1/image_ops.py``, ``models/postprocess/1/box_ops.py`` and
-``models/pcb_scan/1/tiling.py`` by file path (the models stay self-contained; nothing here is copied) and fills in the settings of the served contract
-(``tools.contract``), so evaluation, engine checks and benchmarks see exactly what Triton computes::
+``models/pcb_scan/1/tiling.py`` by file path (the models stay self-contained; nothing here is copied) and
+fills in the settings of the served contract (``tools.contract``), so evaluation, engine checks and
+benchmarks see exactly what the CPU server computes (the GPU configs run the array code of the same files
+on CuPy; tests hold the two equal)::
 
-    from tools.pipeline_math import preprocess_image, postprocess_batch
-    tensor, geometry = preprocess_image(open("board.jpg", "rb").read())   # (1, 640, 640), (5,)
-    num, boxes, scores, classes = postprocess_batch(output0, geometry[None], score_threshold=0.001)
+    from tools.pipeline_math import preprocess_as_served, postprocess_as_served
+    tensor, geometry = preprocess_as_served(open("board.jpg", "rb").read())   # (1, 640, 640), (5,)
+    num, boxes, scores, classes = postprocess_as_served(output0, geometry[None], score_threshold=0.001)
 """
 from __future__ import annotations
 
 import importlib.util
 import sys
-
-import numpy as np
 
 from tools.contract import MODELS_ROOT, ServedContract, served_contract
 
@@ -35,27 +35,24 @@ tiling = load_model_module(served_contract().scan_model, "tiling")
 ImageRejected = image_ops.ImageRejected
 
 
-def preprocess_image(encoded: bytes, contract: ServedContract | None = None, xp=np):
-    """Encoded image bytes -> (tensor (C, H, W) float32 in [0, 1], geometry (5,) float32), as served.
-
-    geometry = (scale, pad_x, pad_y, orig_width, orig_height). Raises ImageRejected for unusable input.
-    """
+def preprocess_as_served(encoded: bytes, contract: ServedContract | None = None):
+    """Encoded image bytes -> (tensor (C, H, W) float32 in [0, 1], geometry (5,) float32), as the CPU
+    preprocess computes them. geometry = (scale, pad_x, pad_y, orig_width, orig_height). Raises
+    ImageRejected for unusable input."""
     c = contract or served_contract()
-    return image_ops.preprocess_image(encoded, c.input_height, c.input_width, c.channels, c.pad_value,
-                                      c.max_image_pixels, xp)
+    return image_ops.preprocess_image_opencv(encoded, c.input_height, c.input_width, c.channels, c.pad_value,
+                                             c.max_image_pixels)
 
 
-def postprocess_batch(pred, geometry, score_threshold: float | None = None, iou_threshold: float | None = None,
-                      max_detections: int | None = None, xp=np, *, pre_nms_top_k: int | None = None,
-                      contract: ServedContract | None = None):
+def postprocess_as_served(pred, geometry, *, score_threshold: float | None = None,
+                          iou_threshold: float | None = None, contract: ServedContract | None = None):
     """Detector output (B, 4 + num_classes, N) and geometry (B, 5) -> (num (B, 1), boxes (B, K, 4),
-    scores (B, K), classes (B, K)) in original pixels, as served; None takes the served default."""
+    scores (B, K), classes (B, K)) in original pixels, as the CPU postprocess computes them; a threshold
+    left None is the served default."""
     c = contract or served_contract()
-    return box_ops.postprocess_batch(
+    return box_ops.postprocess_batch_opencv(
         pred, geometry,
         c.score_threshold if score_threshold is None else score_threshold,
         c.iou_threshold if iou_threshold is None else iou_threshold,
-        c.max_detections if max_detections is None else max_detections,
-        c.pre_nms_top_k if pre_nms_top_k is None else pre_nms_top_k,
-        xp,
+        c.max_detections, c.pre_nms_top_k,
     )

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from tools.contract import BOX_COORDINATES, served_contract
 from tools.detections import Detections, box_iou
-from tools.pipeline_math import postprocess_batch
+from tools.pipeline_math import postprocess_as_served
 
 DEFAULT_ATOL = 5e-3
 DEFAULT_RTOL = 5e-3
@@ -264,7 +264,7 @@ def compare_outputs(
     contract = served_contract()
 
     def detections(output):
-        return Detections.from_padded(*postprocess_batch(output, geometry, contract=contract))
+        return Detections.from_padded(*postprocess_as_served(output, geometry, contract=contract))
 
     return Verdict(
         raw=raw_output_reports(reference, candidate, contract.input_size, atol, rtol),
