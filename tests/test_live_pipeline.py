@@ -208,6 +208,14 @@ def test_score_threshold_override_applies_to_its_request_only(triton_server, pro
         assert_same_detections(result, raised if parameters else default)
 
 
+def test_score_threshold_zero_is_answered_with_at_most_k_detections(triton_server, board_bytes, board):
+    """The worst case a client can ask for: every candidate enters NMS (bounded by pre_nms_top_k), K come back."""
+    outputs = infer_raw(triton_server, "grpc", [board_bytes], {"score_threshold": 0.0})
+    check_outputs(outputs, [board.shape[::-1]], 0.0)
+    default = infer_raw(triton_server, "grpc", [board_bytes])
+    assert outputs["NUM_DETECTIONS"][0, 0] >= default["NUM_DETECTIONS"][0, 0]
+
+
 def test_iou_threshold_override(triton_server, board_bytes, board):
     iou_threshold = 0.1
     default = infer_raw(triton_server, "grpc", [board_bytes])
