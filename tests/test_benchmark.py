@@ -27,11 +27,22 @@ def test_perf_analyzer_input_is_length_prefixed_encoded_boards(tmp_path):
     boards = [tmp_path / "a.jpg", tmp_path / "b.png"]
     boards[0].write_bytes(b"\xff\xd8jpeg\x00")
     boards[1].write_bytes(b"\x89PNG")
-    write_perf_analyzer_input(boards, tmp_path / "input.json", CONTRACT.image_input)
+    write_perf_analyzer_input(boards, tmp_path / "input.json", CONTRACT)
     entries = json.loads((tmp_path / "input.json").read_text())["data"]
     assert [e[CONTRACT.image_input]["shape"] for e in entries] == [[1], [1]]
     decoded = [base64.b64decode(e[CONTRACT.image_input]["content"]["b64"]) for e in entries]
     assert decoded == [struct.pack("<I", 7) + b"\xff\xd8jpeg\x00", struct.pack("<I", 4) + b"\x89PNG"]
+
+
+def test_perf_analyzer_input_carries_the_templates(tmp_path):
+    board, template = tmp_path / "X_test.png", tmp_path / "X_temp.png"
+    board.write_bytes(b"board")
+    template.write_bytes(b"template")
+    write_perf_analyzer_input([board], tmp_path / "input.json", CONTRACT, with_templates=True)
+    (entry,) = json.loads((tmp_path / "input.json").read_text())["data"]
+    assert base64.b64decode(entry[CONTRACT.template_input]["content"]["b64"]) == struct.pack("<I", 8) + b"template"
+    with pytest.raises(SystemExit, match="has no template"):
+        write_perf_analyzer_input([template], tmp_path / "input.json", CONTRACT, with_templates=True)
 
 
 def test_measurement_flags():

@@ -285,7 +285,7 @@ def detector_outputs(synthetic_boards):
                                    providers=["CPUExecutionProvider"])
     images = [cv2.imread(str(sample.image_path), cv2.IMREAD_GRAYSCALE) for sample in synthetic_boards]
     images += [images[0][:, :400], images[1][300:]]
-    tensors, geometries = zip(*(preprocess_as_served(cv2.imencode(".png", image)[1].tobytes()) for image in images))
+    tensors, geometries, _ = zip(*(preprocess_as_served(cv2.imencode(".png", image)[1].tobytes()) for image in images))
     (pred,) = session.run(None, {session.get_inputs()[0].name: np.stack(tensors)})
     return pred, np.stack(geometries)
 

@@ -23,7 +23,7 @@ WAVES = 5  # tries for the dynamic batcher to put several requests into one exec
 @pytest.fixture(scope="module")
 def detector_output(board_bytes):
     """The detector's output0 and the letterbox geometry for one board, computed here with ONNX Runtime."""
-    tensor, geometry = preprocess_as_served(board_bytes)
+    tensor, geometry, _ = preprocess_as_served(board_bytes)
     session = ort.InferenceSession(str(MODELS_ROOT / CONTRACT.detector_model / "1" / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
     (pred,) = session.run(None, {session.get_inputs()[0].name: tensor[None]})

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from tools.contract import served_contract
 from tools.detections import Detections
 from tools.engine import build as build_engine
 from tools.engine.agreement import detection_agreement, pair_detections, raw_output_reports, tolerance_report
@@ -33,11 +34,12 @@ def test_profile_spans_batch_one_to_the_detectors_max_batch_size():
     name, image_shape = onnx_input(DEFAULT_ONNX)
     shapes = profile_shapes(image_shape, max_batch)
     assert name == "images"
-    assert image_shape == (1, 640, 640)
+    channels = served_contract().channels
+    assert image_shape == (channels, 640, 640)
     assert max_batch == 32  # the contract's batch limit, which the ensemble passes through to the detector
-    assert shapes.min == (1, 1, 640, 640)
-    assert shapes.opt == (8, 1, 640, 640)
-    assert shapes.max == (32, 1, 640, 640)
+    assert shapes.min == (1, channels, 640, 640)
+    assert shapes.opt == (8, channels, 640, 640)
+    assert shapes.max == (32, channels, 640, 640)
 
 
 def test_opt_batch_is_clamped_into_the_profile():

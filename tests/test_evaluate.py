@@ -10,10 +10,12 @@ import pytest
 from tools.client.pipeline_client import PipelineClient
 from tools.contract import served_contract
 from tools.data.deeppcb import Sample, read_split
+from tools.data.misregistration import Misregistration
 from tools.data.splits import ValidationSplit, select_samples
 from tools.detections import Detections
-from tools.eval.evaluate import main
-from tools.eval.report import EvaluationSetup, write_report
+from tools.eval.evaluate import expected_registrations, main
+from tools.eval.report import EvaluationSetup, registration_summary, write_report
+from tools.pipeline_math import tiling
 
 CLASS_NAMES = served_contract().labels
 OPEN, SHORT, SPUR, COPPER = (CLASS_NAMES.index(n) for n in ("open", "short", "spur", "copper"))
@@ -42,6 +44,7 @@ def setup(deployed_score_threshold: float) -> EvaluationSetup:
         split="all",
         val_fraction=0.15,
         split_seed=0,
+        val_groups=(),
         url="none",
         model="pcb_pipeline",
         request_score_threshold=0.001,
@@ -118,7 +121,8 @@ def test_val_split_is_the_training_split_carve_out(synthetic_boards):
 
 def test_live_pipeline_report_is_consistent(triton_server, synthetic_boards, tmp_path):
     root, out = dataset_root(synthetic_boards), tmp_path / "eval"
-    args = ["--data", str(root), "--list", "test.txt", "--split", "val", "--val-fraction", "0.5", "--split-seed", "0"]
+    args = ["--data", str(root), "--list", "test.txt", "--split", "val", "--val-groups", "--val-fraction", "0.5",
+            "--split-seed", "0"]  # no groups: a random half
     report = main([*args, "--url", triton_server.grpc_url, "--out", str(out), "--examples", "2"])
     boards = select_samples(root, "test.txt", "val", ValidationSplit(0.5, 0))
     metrics, threshold = report["metrics"], report["setup"]["deployed_score_threshold"]
@@ -134,3 +138,50 @@ def test_live_pipeline_report_is_consistent(triton_server, synthetic_boards, tmp
     for name in ("report.md", "report.json", "precision_recall.png"):
         assert (out / name).is_file()
     assert all((out / e["file"]).is_file() for e in report["examples"])
+
+
+def test_registration_summary_on_a_hand_made_case(tmp_path):
+    a = board(tmp_path, "a", [[10, 10, 30, 30]], [OPEN])
+    b = board(tmp_path, "b", [[5, 5, 25, 25]], [COPPER])
+    found = [detections([[10, 10, 30, 30]], [0.9], [OPEN], [3.0, 4.0, 0.5, 0.9]), detections([], [], [])]
+    summary = registration_summary([a, b], found, expected=[[[0.0, 0.0, 0.25]], [[1.0, 1.0, 0.0]]],
+                                   refused={str(b.image_path): "TEMPLATE[0]: template does not match"})
+    assert summary["registered"] == 1 and summary["score"]["min"] == pytest.approx(0.9)
+    assert summary["error"]["shift_px"]["max"] == pytest.approx(5.0)  # |(3, 4) - (0, 0)|
+    assert summary["error"]["angle_deg"]["mean"] == pytest.approx(0.25)
+    assert summary["refused"] == [{"image": str(b.image_path), "error": "TEMPLATE[0]: template does not match"}]
+    report = write_report([a, b], found, setup(0.5), CLASS_NAMES, tmp_path / "out", registration=summary)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## Registration of the templates" in text and "| shift error against the known drift (px) |" in text
+    assert report["registration"]["boards"][0]["shift_error_px"] == [5.0]
+
+
+def test_expected_registrations_of_one_window_are_the_drifts():
+    drift = Misregistration(12.0, -7.0, 0.8)
+    (row,) = expected_registrations(drift, 640, 480, [tiling.Window(0, 0, 640, 480)])
+    np.testing.assert_allclose(row, drift.expected_registration(640, 480), atol=1e-9)
+
+
+def test_live_evaluation_with_templates_reports_the_registrations(triton_server, synthetic_boards, tmp_path):
+    root = dataset_root(synthetic_boards)
+    args = ["--data", str(root), "--list", "test.txt", "--limit", "2", "--url", triton_server.grpc_url,
+            "--examples", "1", "--with-templates"]
+    report = main([*args, "--out", str(tmp_path / "as_given")])
+    registration = report["registration"]
+    assert report["setup"]["templates"] == "as given" and report["metrics"]["images"] == 2
+    assert registration["registered"] == 2 and not registration["refused"]
+    assert registration["score"]["min"] >= served_contract().registration_parameters["registration_min_score"]
+    assert set(report["metrics"]["per_class"]) == set(CLASS_NAMES)
+    assert "## Registration of the templates" in (tmp_path / "as_given" / "report.md").read_text()
+
+    moved = main([*args, "--misregister-shift", "20", "--misregister-angle", "0.5", "--misregister-seed", "3",
+                  "--out", str(tmp_path / "moved")])
+    assert moved["setup"]["templates"] == "misregistered" and moved["setup"]["misregister_shift"] == 20
+    rng = np.random.default_rng(3)
+    for record in moved["registration"]["boards"]:  # the drift drawn for each board, in board order
+        drift = Misregistration.random(rng, 20, 0.5)
+        np.testing.assert_allclose(record["expected"][0], drift.expected_registration(640, 640), atol=1e-3)
+        found, wanted = np.array(record["registration"][0]), np.array(record["expected"][0])
+        assert record["shift_error_px"][0] == pytest.approx(np.hypot(*(found[:2] - wanted[:2])), abs=1e-2)
+    assert moved["registration"]["error"]["shift_px"]["max"] >= 0.0  # reported, not asserted: see the README
+    assert (tmp_path / "moved" / "precision_recall.png").is_file()

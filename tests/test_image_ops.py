@@ -11,7 +11,7 @@ import pytest
 
 from tests.array_backends import ARRAY_MODULES, to_numpy
 from tools.contract import MODELS_ROOT, served_contract
-from tools.pipeline_math import image_ops, preprocess_as_served
+from tools.pipeline_math import image_ops, preprocess_as_served, registration_settings
 
 ImageRejected = image_ops.ImageRejected
 LOSSLESS_FORMATS = (".png", ".bmp", ".tiff")
@@ -170,13 +170,18 @@ def test_opencv_letterbox_resizes_only_when_the_size_changes(monkeypatch):
 
 @pytest.mark.parametrize("xp", ARRAY_MODULES)
 @pytest.mark.parametrize("extension", ALL_FORMATS)
-@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("channels,with_template", [(1, False), (3, False), (2, False), (2, True), (1, True)])
 @pytest.mark.parametrize("height,width", [(640, 640), (480, 1280), (700, 500)])
-def test_opencv_preprocess_matches_the_array_preprocess(xp, extension, channels, height, width):
-    encoded = encode(smooth_image(height, width, 3), extension)
-    arguments = (encoded, INPUT_SIZE, INPUT_SIZE, channels, 114, 10**7)
+def test_opencv_preprocess_matches_the_array_preprocess(xp, extension, channels, with_template, height, width):
+    board = smooth_image(height, width, 3)
+    encoded = encode(board, extension)
+    template = encode(board, ".png") if with_template else None  # registers onto the board with score ~1
+    arguments = (encoded, INPUT_SIZE, INPUT_SIZE, channels, 114, 10**7, template, registration_settings())
     array = tuple(to_numpy(a) for a in image_ops.preprocess_image(*arguments, xp=xp))
-    assert_same_letterbox(image_ops.preprocess_image_opencv(*arguments), array, exact=(height, width) == (640, 640))
+    opencv = image_ops.preprocess_image_opencv(*arguments)
+    assert_same_letterbox(opencv[:2], array[:2], exact=(height, width) == (640, 640))
+    np.testing.assert_array_equal(opencv[2], array[2])  # the one registration, on the CPU for both
+    assert opencv[0].shape[0] == channels and (opencv[2][3] > 0.9 if with_template else not opencv[2].any())
 
 
 def test_opencv_preprocess_rejects_what_the_array_preprocess_rejects():
@@ -219,10 +224,13 @@ def test_sixteen_bit_png_decodes_to_eight_bits():
 def test_preprocess_image_uses_the_served_settings():
     contract = served_contract()
     image = smooth_image(640, 640, 1)
-    tensor, geometry = preprocess_as_served(encode(image, ".png"))
+    tensor, geometry, registration = preprocess_as_served(encode(image, ".png"))
     assert tensor.shape == (contract.channels, contract.input_height, contract.input_width)
     np.testing.assert_array_equal(geometry, [1, 0, 0, 640, 640])
+    np.testing.assert_array_equal(registration, [0, 0, 0, 0])  # no template sent
     np.testing.assert_allclose(tensor[0], image[..., 0] / np.float32(255), rtol=1e-6)
+    if contract.channels == image_ops.TEMPLATE_CHANNELS:  # no template: the border fill throughout
+        np.testing.assert_array_equal(tensor[1], np.float32(contract.pad_value) / np.float32(255))
 
 
 # --- rejection of bad input -----------------------------------------------------------------------

@@ -48,14 +48,18 @@ def test_ensemble_steps_are_wired_with_matching_tensors(config_name):
     ensemble = repository[PIPELINE]
     assert ensemble.platform == "ensemble"
     available = tensor_specs(ensemble.input)  # ensemble tensor name -> (type, dims)
+    optional_inputs = {t.name: t.optional for t in ensemble.input}
     for step in ensemble.ensemble_scheduling.step:
         model = repository[step.model_name]
         assert model.max_batch_size >= ensemble.max_batch_size
         inputs, outputs = tensor_specs(model.input), tensor_specs(model.output)
-        assert set(step.input_map) == {t.name for t in model.input if not t.optional}, step.model_name
+        required = {t.name for t in model.input if not t.optional}
+        assert required <= set(step.input_map) <= {t.name for t in model.input}, step.model_name
         for model_input, ensemble_tensor in step.input_map.items():
             assert ensemble_tensor in available, f"{step.model_name}: {ensemble_tensor} is not produced before it"
             (wanted_type, wanted_dims), (given_type, given_dims) = inputs[model_input], available[ensemble_tensor]
+            # An optional ensemble input may only feed an optional step input (2.51 passes it through absent).
+            assert not optional_inputs.get(ensemble_tensor) or model_input not in required, model_input
             assert wanted_type == given_type, f"{step.model_name}.{model_input}"
             assert dims_compatible(wanted_dims, given_dims), f"{step.model_name}.{model_input}"
         for model_output, ensemble_tensor in step.output_map.items():
@@ -69,13 +73,19 @@ def test_ensemble_steps_are_wired_with_matching_tensors(config_name):
 
 def test_pipeline_matches_the_contract():
     pipeline = load_repository()[PIPELINE]
-    assert tensor_specs(pipeline.input) == {"IMAGE": ("TYPE_STRING", [1])}
+    assert tensor_specs(pipeline.input) == {"IMAGE": ("TYPE_STRING", [1]), "TEMPLATE": ("TYPE_STRING", [1])}
+    assert [t.name for t in pipeline.input if t.optional] == ["TEMPLATE"]
+    contract = served_contract()
+    assert (contract.image_input, contract.template_input, contract.registration_output) == (
+        "IMAGE", "TEMPLATE", "REGISTRATION")
+    assert "REGISTRATION" not in contract.output_names  # the detections' four, as Detections.from_padded takes
     k = tensor_specs(pipeline.output)["BOXES"][1][0]
     assert tensor_specs(pipeline.output) == {
         "NUM_DETECTIONS": ("TYPE_INT32", [1]),
         "BOXES": ("TYPE_FP32", [k, 4]),
         "SCORES": ("TYPE_FP32", [k]),
         "CLASSES": ("TYPE_INT32", [k]),
+        "REGISTRATION": ("TYPE_FP32", [4]),
     }
     assert [step.model_name for step in pipeline.ensemble_scheduling.step] == ["preprocess", DETECTOR, "postprocess"]
 
@@ -136,7 +146,9 @@ def test_cpu_configs_run_python_on_cpu_with_dynamic_batching(model):
 
 def test_cpu_detector_parameters():
     detector = load_repository("cpu")[DETECTOR]
-    assert CONTRACT.detector_version_dir / parameter(detector, "onnx_file") == CONTRACT.detector_onnx
+    served = CONTRACT.detector_version_dir / parameter(detector, "onnx_file")
+    # model.onnx or a build of it in the same folder (tests/test_int8_conversion.py checks it is not stale)
+    assert served.is_file() and served.parent == CONTRACT.detector_onnx.parent
     assert int(parameter(detector, "intra_op_threads")) >= 1
 
 
@@ -146,8 +158,14 @@ def test_preprocess_parameters(config_name):
     assert 0 <= float(parameter(preprocess, "pad_value")) <= 255
     assert int(parameter(preprocess, "max_image_pixels")) > 0
     channels, height, width = tensor_specs(preprocess.output)["images"][1]
-    assert channels in (1, 3) and height > 0 and width > 0
+    assert channels in (1, 2, 3) and height > 0 and width > 0  # grey, grey + template, RGB (image_ops.py)
     assert tensor_specs(preprocess.output)["LETTERBOX"] == ("TYPE_FP32", [5])
+    assert tensor_specs(preprocess.output)["REGISTRATION"] == ("TYPE_FP32", [4])
+    assert 0 < float(parameter(preprocess, "registration_min_score")) < 1
+    assert 0 < float(parameter(preprocess, "registration_scale")) <= 1
+    assert float(parameter(preprocess, "registration_max_shift")) > 0
+    assert float(parameter(preprocess, "registration_max_angle")) > 0
+    assert int(parameter(preprocess, "template_size_tolerance")) >= 0
 
 
 @pytest.mark.parametrize("config_name", CONFIG_NAMES, ids=CONFIG_IDS)

@@ -46,7 +46,7 @@ def test_parts_and_the_flags_that_choose_a_split():
     assert len(split.part(boards, "val")) + len(split.part(boards, "train")) == 10
     with pytest.raises(ValueError, match="part must be one of"):
         split.part(boards, "test")
-    assert split_flags(split) == "--val-fraction 0.3 --split-seed 2"
+    assert split_flags(split) == "--val-groups --val-fraction 0.3 --split-seed 2"
     assert split_flags(ValidationSplit(groups=("group1",))) == "--val-groups group1"
 
 

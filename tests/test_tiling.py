@@ -10,7 +10,7 @@ import tritonclient.grpc as grpcclient
 
 from tests.encoded_images import png_declaring
 from tools.client.pipeline_client import InferenceFailed, PipelineClient, encoded_images_input
-from tools.contract import load_repository, parameter, served_contract
+from tools.contract import load_repository, parameter, served_contract, tensor
 from tools.data.deeppcb import read_split
 from tools.data.mosaic import stitch, write_mosaics
 from tools.detections import Detections, box_iou
@@ -46,11 +46,17 @@ def test_scan_settings_agree_with_the_pipeline():
     pipeline = load_repository()[CONTRACT.pipeline_model]
     assert [(i.name, i.data_type, list(i.dims)) for i in SCAN_CONFIG.input] == \
         [(i.name, i.data_type, list(i.dims)) for i in pipeline.input]
+    assert [i.optional for i in SCAN_CONFIG.input] == [i.optional for i in pipeline.input], "TEMPLATE is optional"
+    assert int(parameter(SCAN_CONFIG, "template_size_tolerance")) == \
+        CONTRACT.registration_parameters["template_size_tolerance"], "the scan checks the size its tiles need"
     outputs = {o.name: (o.data_type, list(o.dims)) for o in SCAN_CONFIG.output}
     assert outputs.pop("NUM_TILES") == (outputs["NUM_DETECTIONS"][0], [1])
     assert list(outputs) == [o.name for o in pipeline.output], "the pipeline's outputs, in its order"
+    registration = tensor(pipeline.output, CONTRACT.registration_output)
+    assert outputs.pop(registration.name) == (registration.data_type, [-1, *registration.dims]), "one row per tile"
     for o in pipeline.output:
-        assert outputs[o.name][0] == o.data_type and outputs[o.name][1][1:] == list(o.dims)[1:], o.name
+        if o.name != registration.name:
+            assert outputs[o.name][0] == o.data_type and outputs[o.name][1][1:] == list(o.dims)[1:], o.name
     assert load_repository("cpu")[CONTRACT.scan_model] == SCAN_CONFIG, "one config serves GPU and CPU"
 
 

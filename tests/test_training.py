@@ -56,7 +56,7 @@ def test_short_training_resumes_and_exports(tmp_path, monkeypatch, deeppcb_root)
 
     # The training split travels with the model: a tool choosing other "held-out" boards of the same list is refused.
     record = recorded_split(onnx_path)
-    assert (record["fraction"], record["seed"]) == (DEFAULT_SPLIT.fraction, DEFAULT_SPLIT.seed)
+    assert ValidationSplit.from_record(record) == DEFAULT_SPLIT
     trainval = deeppcb_root / "trainval.txt"
     check_model_split(onnx_path, DEFAULT_SPLIT, trainval)  # passes
     with pytest.raises(ValueError, match="some of the boards chosen now were trained on"):
@@ -76,7 +76,7 @@ def test_assignment_prefers_smallest_box_and_centre_region():
 
 def test_flip_rotate_keeps_boxes_on_the_same_pixels():
     rng = np.random.default_rng(3)
-    image = np.zeros((64, 64), np.uint8)
+    image = np.zeros((64, 64, 2), np.uint8)  # (H, W, C): the board and its template move together
     image[10:20, 30:50] = 255
     boxes = np.array([[30, 10, 50, 20]], np.float32)
     for _ in range(16):
@@ -93,3 +93,25 @@ def test_exported_boxes_are_centre_size_in_pixels():
     assert out.shape == (1, 4 + CONTRACT.num_classes, 64)
     assert (out[0, 2] > 0).all() and (out[0, 3] > 0).all()
     assert (distances >= 0).all()
+
+
+def test_template_crops_carry_the_registered_template_or_the_no_template_fill(synthetic_boards):
+    """With a 2-channel detector every crop is (board, template): the template drifted and registered again as
+    served, so it lies on the board, or for the dropout share the served no-template fill."""
+    assert CONTRACT.channels == 2
+    sampler = train_detector.CropSampler(synthetic_boards, 160, template_fraction=0.0, seed=1, template_dropout=0.5,
+                                         misregister_shift=30, misregister_angle=1)
+    images, targets = sampler.batch(24)
+    assert images.shape == (24, 2, 160, 160) and len(targets) == 24
+    fill = np.float32(CONTRACT.pad_value) / np.float32(255)
+    without = [(image[1] == fill).all().item() for image in images]
+    assert 3 <= sum(without) <= 21  # about half
+    for image, no_template in zip(images, without):
+        if not no_template:  # the registered template matches the board up to the defects and the edge band
+            assert (image[0] - image[1]).abs().mean() < 0.08
+    # The registration undoes the drift: without it the template would lie tens of pixels off.
+    sampler.template_dropout = 0.0
+    board, template = sampler.images[0], sampler.templates[0]
+    registered = sampler.registered_template(board, template)
+    inside = (slice(40, -40), slice(40, -40))
+    assert np.abs(registered[inside].astype(int) - template[inside]).mean() < 8

@@ -29,8 +29,10 @@ def add_split_arguments(parser) -> None:
     parser.add_argument("--val-fraction", type=float, default=DEFAULT_SPLIT.fraction,
                         help="share of the list held out for validation")
     parser.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT.seed, help="seed of the validation draw")
-    parser.add_argument("--val-groups", nargs="+", default=list(DEFAULT_SPLIT.groups), metavar="GROUP",
-                        help="hold out these whole groups (board designs, e.g. group20085) instead of a random draw")
+    parser.add_argument("--val-groups", nargs="*", default=list(DEFAULT_SPLIT.groups), metavar="GROUP",
+                        help="hold out these whole groups (board designs) instead of a random draw (default: the "
+                             "groups the shipped detector was validated on, %(default)s); give none for a random "
+                             "draw of --val-fraction")
 
 
 def validation_split(args: argparse.Namespace) -> ValidationSplit:
@@ -55,3 +57,13 @@ def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
                             "shrink it to the detector input")
     group.add_argument("--shared-memory", action="store_true",
                        help="pass the encoded images through system shared memory (client on the server's host)")
+
+
+def add_misregistration_arguments(parser, default_shift: float = 0.0, default_angle: float = 0.0) -> None:
+    """--misregister-shift, --misregister-angle, --misregister-seed: templates moved by a random known drift
+    (tools.data.misregistration.Misregistration.random), as line-scan crops drift."""
+    parser.add_argument("--misregister-shift", type=float, default=default_shift, metavar="PX",
+                        help="move each template by up to this many pixels along each axis (uniform, seeded)")
+    parser.add_argument("--misregister-angle", type=float, default=default_angle, metavar="DEG",
+                        help="and turn it by up to this many degrees about its centre")
+    parser.add_argument("--misregister-seed", type=int, default=0, help="seed of the drifts")

@@ -26,6 +26,8 @@ MODELS_ROOT = REPO_ROOT / "models"
 CPU_CONFIG_NAME = "cpu"
 CONFIG_NAMES = (None, CPU_CONFIG_NAME)  # the default (GPU) configs and the CPU fallback
 LABELS_FILE = "labels.txt"  # in the detector's version folder
+REGISTRATION_PARAMETERS = ("registration_max_shift", "registration_max_angle", "registration_min_score",
+                           "template_size_tolerance", "registration_scale")
 BOX_COORDINATES = 4  # the detector output's first rows: cx, cy, w, h; one score row per class follows
 
 
@@ -82,6 +84,8 @@ class ServedContract:
     detector_model: str
     postprocess_model: str
     image_input: str  # the ensemble's encoded-image input
+    template_input: str  # its optional input: the board's defect-free template, encoded as the image
+    registration_output: str  # preprocess's (and the ensemble's) dx, dy, angle, score of the template
     output_names: tuple[str, ...]  # the ensemble's outputs: count, boxes, scores, classes
     max_batch_size: int
     preferred_batch_sizes: tuple[int, ...]  # the detector's dynamic batcher
@@ -95,6 +99,7 @@ class ServedContract:
     num_classes: int
     pad_value: float
     max_image_pixels: int
+    registration_parameters: dict[str, float]  # preprocess's registration_* and template_size_tolerance
     score_threshold: float  # the deployed operating point; requests may override it
     iou_threshold: float
     pre_nms_top_k: int
@@ -140,11 +145,13 @@ def served_contract(config_name: str | None = None, models_root: Path = MODELS_R
                 if "pipeline_model" in c.parameters and parameter(c, "pipeline_model") == pipeline.name]
     if len(scanners) != 1:
         raise ValueError(f"{models_root}: expected one scan model calling {pipeline.name}, found {scanners}")
-    (image_input,) = pipeline.input
+    (image_input,) = [i for i in pipeline.input if not i.optional]
+    (template_input,) = [i for i in pipeline.input if i.optional]
     detector_input, detector_output = detector.input[0].name, detector.output[0].name
-    (geometry_output,) = [o.name for o in preprocess.output if o.name != detector_input]
+    registration_output = next(o.name for o in pipeline.output if o.name in {p.name for p in preprocess.output})
+    (geometry_output,) = [o.name for o in preprocess.output if o.name not in (detector_input, registration_output)]
     channels, height, width = tensor(preprocess.output, detector_input).dims
-    output_names = tuple(output.name for output in pipeline.output)
+    output_names = tuple(o.name for o in pipeline.output if o.name != registration_output)
     return ServedContract(
         models_root=models_root,
         config_name=config_name,
@@ -155,6 +162,8 @@ def served_contract(config_name: str | None = None, models_root: Path = MODELS_R
         detector_model=detector.name,
         postprocess_model=postprocess.name,
         image_input=image_input.name,
+        template_input=template_input.name,
+        registration_output=registration_output,
         output_names=output_names,
         max_batch_size=pipeline.max_batch_size,
         preferred_batch_sizes=tuple(detector.dynamic_batching.preferred_batch_size),
@@ -168,6 +177,7 @@ def served_contract(config_name: str | None = None, models_root: Path = MODELS_R
         num_classes=tensor(detector.output, detector_output).dims[0] - BOX_COORDINATES,
         pad_value=float(parameter(preprocess, "pad_value")),
         max_image_pixels=int(parameter(preprocess, "max_image_pixels")),
+        registration_parameters={key: float(parameter(preprocess, key)) for key in REGISTRATION_PARAMETERS},
         score_threshold=float(parameter(postprocess, "score_threshold")),
         iou_threshold=float(parameter(postprocess, "iou_threshold")),
         pre_nms_top_k=int(parameter(postprocess, "pre_nms_top_k")),

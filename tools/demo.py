@@ -5,6 +5,10 @@
 Without ``--images`` it draws labelled synthetic boards with tools.data.synth_boards, and one whole-board scan
 that the pcb_scan model tiles on the server. It prints a table of the
 defects found per image and writes ``detections.json`` and annotated pictures (``annotated/``) to ``--out``.
+Then it inspects the same boards again with their defect-free templates (golden-template inspection; with
+``--images``, templates found beside them by DeepPCB naming, ``X_test.jpg`` -> ``X_temp.jpg``), prints what each
+mode finds and the registrations, and writes ``detections_with_templates.json`` and side-by-side pictures (the
+board with its defects | its template registered onto it) to ``with_templates/``.
 """
 from __future__ import annotations
 
@@ -14,9 +18,9 @@ import sys
 from pathlib import Path
 
 from tools.client.pipeline_client import InferenceFailed, PipelineClient
-from tools.client.results import detections_table, find_images, write_annotated, write_json
+from tools.client.results import detections_table, find_images, registration_cell, write_annotated, write_json
 from tools.contract import REPO_ROOT, served_contract
-from tools.data.deeppcb import Sample, read_split
+from tools.data.deeppcb import Sample, read_split, template_path_for
 from tools.eval.metrics import VOC_IOU_THRESHOLD, match_image
 from tools.serve.triton_server import TritonServer
 
@@ -38,6 +42,49 @@ def labelled_defects_found(samples: list[Sample], results: list) -> tuple[int, i
             found += int(match_image(sample, detections, "voc", VOC_IOU_THRESHOLD)[1].sum())
             labelled += len(sample.boxes)
     return found, labelled
+
+
+def inspect(client: PipelineClient, paths: list[Path], scan_count: int, score_threshold: float | None,
+            concurrency: int, templates: list[Path | None] | None = None):
+    """The boards through pcb_pipeline and the last ``scan_count`` paths (scans) through pcb_scan, with their
+    templates when given. Returns (results, failures)."""
+    boards, scans = paths[: len(paths) - scan_count], paths[len(paths) - scan_count :]
+    templates = [None] * len(paths) if templates is None else templates
+    results, failures = [], {}
+    for part, part_templates, is_scan in ((boards, templates[: len(boards)], False),
+                                          (scans, templates[len(boards) :], True)):
+        if not part:
+            continue
+        try:
+            results += client.infer_files(part, score_threshold, concurrency=concurrency, progress=not is_scan,
+                                          scans=is_scan, templates=part_templates)
+        except InferenceFailed as error:
+            results, failures = results + error.results, failures | error.failures
+    return results, failures
+
+
+def compare_modes(paths: list[Path], without: list, with_templates: list, labels, samples) -> str:
+    """What each mode finds, image by image: defects without and with the template, and the registration."""
+    rows = [f"{'image':<28} {'without':>8} {'with':>6}  registration (dx, dy px, angle deg, score)"]
+    for path, alone, paired in zip(paths, without, with_templates):
+        if alone is None or paired is None:
+            rows.append(f"{path.name:<28} {'-' if alone is None else len(alone):>8} "
+                        f"{'-' if paired is None else len(paired):>6}  failed")
+            continue
+        registration = paired.registration
+        if registration is None:
+            where = "no template"
+        elif registration.ndim == 1:
+            dx, dy, angle, score = registration.tolist()
+            where = f"{dx:+.1f}, {dy:+.1f}, {angle:+.2f}, {score:.3f}"
+        else:
+            where = f"{len(registration)} tiles, score {registration_cell(paired)}"
+        rows.append(f"{path.name:<28} {len(alone):>8} {len(paired):>6}  {where}")
+    if samples is not None:
+        for name, results in (("without templates", without), ("with templates", with_templates)):
+            found, labelled = labelled_defects_found(samples, results)
+            rows.append(f"Labelled defects found {name}: {found} of {labelled}")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,23 +116,20 @@ def main(argv: list[str] | None = None) -> int:
     failures: dict[str, str] = {}
     print("Starting the Triton server (CPU configs)...", flush=True)
     with TritonServer.on_free_ports() as server:
-        print(f"Server ready (gRPC {server.grpc_url}); sending {len(paths)} images through {contract.pipeline_model}", flush=True)
+        print(f"Server ready (gRPC {server.grpc_url}); sending {len(paths)} images through {contract.pipeline_model}"
+              + (f", and a {SCAN_WIDTH}x{SCAN_HEIGHT} scan through {contract.scan_model} (tiled on the server)"
+                 if scans else ""), flush=True)
+        paths += [scan.image_path for scan in scans]
+        if samples is not None:
+            samples += scans
+        templates = [template_path_for(path) for path in paths]
         with PipelineClient(server.grpc_url) as client:
-            try:
-                results = client.infer_files(paths, score_threshold=args.score_threshold,
-                                             concurrency=args.concurrency)
-            except InferenceFailed as error:
-                results, failures = error.results, error.failures
-            if scans:
-                print(f"Sending a {SCAN_WIDTH}x{SCAN_HEIGHT} scan through {contract.scan_model} (tiled on the server)",
-                      flush=True)
-                try:
-                    results += client.infer_files([scan.image_path for scan in scans], args.score_threshold,
-                                                  progress=False, scans=True)
-                except InferenceFailed as error:
-                    results, failures = results + error.results, failures | error.failures
-                paths += [scan.image_path for scan in scans]
-                samples += scans
+            results, failures = inspect(client, paths, len(scans), args.score_threshold, args.concurrency)
+            if any(templates):
+                print(f"Inspecting them again with their templates ({sum(t is not None for t in templates)} "
+                      "found), registered on the server", flush=True)
+                paired, paired_failures = inspect(client, paths, len(scans), args.score_threshold,
+                                                  args.concurrency, templates)
     print("Server stopped.\n")
 
     print("Defects found per image:")
@@ -101,6 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     write_json(json_path, paths, results, labels, failures)
     annotated = write_annotated(paths, results, labels, args.out / "annotated")
     print(f"Detections: {json_path}\nAnnotated images ({len(annotated)}): {args.out / 'annotated'}")
+    if any(templates):
+        print("\nGolden-template inspection: defects found per image without and with its template")
+        print(compare_modes(paths, results, paired, labels, samples))
+        paired_json = args.out / "detections_with_templates.json"
+        write_json(paired_json, paths, paired, labels, paired_failures, templates)
+        pictures = write_annotated(paths, paired, labels, args.out / "with_templates", templates, contract.pad_value)
+        print(f"Detections with templates: {paired_json}\nSide-by-side pictures ({len(pictures)}, the board | its "
+              f"template registered onto it; the scan's as sent): {args.out / 'with_templates'}")
+        failures = failures | {f"{name} (with its template)": why for name, why in paired_failures.items()}
     if failures:
         print(f"{len(failures)} images could not be processed (see the table).", file=sys.stderr)
         return 1

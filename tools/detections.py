@@ -2,11 +2,14 @@
 
 Rows are in the pipeline's order (descending score, as postprocess emits them and as a DeepPCB results file
 lists them): ``boxes`` (n, 4) float32 x1 y1 x2 y2 in original-image pixels, ``scores`` (n,) float32,
-``classes`` (n,) int32, 0-based into the labels.
+``classes`` (n,) int32, 0-based into the labels. ``registration`` is how the served registration placed the
+board's template, when the request sent one (None otherwise): (4,) float32 ``dx, dy, angle, score`` from
+pcb_pipeline, or (tiles, 4) from pcb_scan, one row per tile in tile order, each in its tile's pixels
+(convention: models/preprocess/1/registration.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -16,12 +19,14 @@ class Detections:
     boxes: np.ndarray
     scores: np.ndarray
     classes: np.ndarray
+    registration: np.ndarray | None = field(default=None, compare=False)  # of the whole image, not per row
 
     @classmethod
-    def of(cls, boxes, scores, classes) -> "Detections":
+    def of(cls, boxes, scores, classes, registration=None) -> "Detections":
         """From any array-likes, in the canonical dtypes and shapes."""
         return cls(np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(scores, np.float32).reshape(-1),
-                   np.asarray(classes, np.int32).reshape(-1))
+                   np.asarray(classes, np.int32).reshape(-1),
+                   None if registration is None else np.asarray(registration, np.float32))
 
     @classmethod
     def from_padded(cls, num_detections, boxes, scores, classes) -> list["Detections"]:
@@ -41,7 +46,11 @@ class Detections:
         return self[above_threshold(self.scores, score_threshold)]
 
     def __getitem__(self, selection) -> "Detections":
-        return Detections(self.boxes[selection], self.scores[selection], self.classes[selection])
+        return Detections(self.boxes[selection], self.scores[selection], self.classes[selection], self.registration)
+
+    def with_registration(self, registration) -> "Detections":
+        """The same detections, with the template's registration (see the module docstring)."""
+        return Detections.of(self.boxes, self.scores, self.classes, registration)
 
 
 def above_threshold(scores: np.ndarray, score_threshold: float) -> np.ndarray:

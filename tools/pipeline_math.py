@@ -19,29 +19,48 @@ from tools.contract import MODELS_ROOT, ServedContract, served_contract
 
 
 def load_model_module(model: str, module: str):
-    """Import models/<model>/1/<module>.py by path under a name unique to that model."""
-    path = MODELS_ROOT / model / "1" / f"{module}.py"
+    """Import models/<model>/1/<module>.py by path under a name unique to that model. Its own imports of
+    helpers beside it resolve as in the Triton stub, which puts the version folder on the path."""
+    folder = MODELS_ROOT / model / "1"
     name = f"pcb_models_{model}_{module}"
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, folder / f"{module}.py")
     loaded = importlib.util.module_from_spec(spec)
     sys.modules[name] = loaded
-    spec.loader.exec_module(loaded)
+    sys.path.insert(0, str(folder))
+    try:
+        spec.loader.exec_module(loaded)
+    finally:
+        sys.path.remove(str(folder))
     return loaded
 
 
 image_ops = load_model_module(served_contract().preprocess_model, "image_ops")
+registration = sys.modules[image_ops.TemplateRejected.__module__]  # the helper image_ops imported, not a copy
 box_ops = load_model_module(served_contract().postprocess_model, "box_ops")
 tiling = load_model_module(served_contract().scan_model, "tiling")
 ImageRejected = image_ops.ImageRejected
+TemplateRejected = image_ops.TemplateRejected
 
 
-def preprocess_as_served(encoded: bytes, contract: ServedContract | None = None):
-    """Encoded image bytes -> (tensor (C, H, W) float32 in [0, 1], geometry (5,) float32), as the CPU
-    preprocess computes them. geometry = (scale, pad_x, pad_y, orig_width, orig_height). Raises
-    ImageRejected for unusable input."""
+def registration_settings(contract: ServedContract | None = None):
+    """The served registration's settings (preprocess's config parameters)."""
+    c = contract or served_contract()
+    p = c.registration_parameters
+    return registration.RegistrationSettings(
+        max_shift=p["registration_max_shift"], max_angle=p["registration_max_angle"],
+        min_score=p["registration_min_score"], size_tolerance=int(p["template_size_tolerance"]),
+        scale=p["registration_scale"], fill=c.pad_value,
+    )
+
+
+def preprocess_as_served(encoded: bytes, template: bytes | None = None, contract: ServedContract | None = None):
+    """Encoded image (and template) bytes -> (tensor (C, H, W) float32 in [0, 1], geometry (5,) float32,
+    registration (4,) float32), as the CPU preprocess computes them. geometry = (scale, pad_x, pad_y,
+    orig_width, orig_height); registration = (dx, dy, angle, score), zeros without a template. Raises
+    ImageRejected or TemplateRejected for unusable input."""
     c = contract or served_contract()
     return image_ops.preprocess_image_opencv(encoded, c.input_height, c.input_width, c.channels, c.pad_value,
-                                             c.max_image_pixels)
+                                             c.max_image_pixels, template, registration_settings(c))
 
 
 def postprocess_as_served(pred, geometry, *, score_threshold: float | None = None,

@@ -1,4 +1,5 @@
-"""Draw defect detections on a board image: a box, class name and score per detection, one colour per class."""
+"""Draw defect detections on a board image: a box, class name and score per detection, one colour per class;
+and, for an image inspected with a template, the image beside its (registered) template."""
 from __future__ import annotations
 
 import colorsys
@@ -7,6 +8,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from tools import pipeline_math
 from tools.detections import Detections
 
 # Saturated BGR colours that stand out on both the black and the white of binarised boards, one per DeepPCB
@@ -73,3 +75,52 @@ def _text_colour(background: tuple[int, int, int]) -> tuple[int, int, int]:
     """Black or white, whichever reads better on ``background`` (BGR)."""
     blue, green, red = background
     return (0, 0, 0) if 0.299 * red + 0.587 * green + 0.114 * blue > 150 else (255, 255, 255)
+
+
+def registered_template(template: np.ndarray, registration: np.ndarray, width: int, height: int,
+                        fill: float) -> np.ndarray:
+    """The template brought over a ``width`` x ``height`` image by its served registration (dx, dy, angle, ...),
+    as preprocess registers it; ``fill`` where the template has no pixels."""
+    dx, dy, angle = (float(v) for v in np.asarray(registration).reshape(-1)[:3])
+    matrix = pipeline_math.registration.rotation_about_centre(width, height, dx, dy, angle)
+    return cv2.warpAffine(template, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=(fill, fill, fill))
+
+
+def registration_caption(registration: np.ndarray) -> str:
+    """One line saying how the template was registered: one image, or the tiles of a scan."""
+    registration = np.asarray(registration, np.float32)
+    if registration.ndim == 1:
+        dx, dy, angle, score = registration.tolist()
+        return f"template, registered: dx {dx:+.1f} dy {dy:+.1f} px, angle {angle:+.2f} deg, score {score:.3f}"
+    scores = registration[:, 3] if len(registration) else np.zeros(1, np.float32)
+    return f"template as sent: {len(registration)} tiles registered, score {scores.min():.3f} to {scores.max():.3f}"
+
+
+def side_by_side(image: np.ndarray, template: np.ndarray, detections: Detections, labels: Sequence[str],
+                 fill: float) -> np.ndarray:
+    """The image with its detections | its template with the same boxes, each under a caption.
+
+    With one registration (pcb_pipeline) the template is shown registered onto the image, as the detector saw
+    it; with per-tile registrations (pcb_scan) it is shown as sent. Without a registration, as sent too."""
+    height, width = image.shape[:2]
+    registration = detections.registration
+    if registration is not None and np.asarray(registration).ndim == 1:
+        shown = registered_template(to_bgr(template), registration, width, height, fill)
+    else:
+        shown = to_bgr(template)
+    caption = registration_caption(registration) if registration is not None else "template as sent"
+    panels = [(draw_detections(image, detections, labels), "image, defects found"),
+              (draw_detections(shown, detections, labels), caption)]
+    font_scale = max(0.45, min(height, width) / 1400)
+    bar = int(30 * font_scale / 0.45)
+    panel_height = max(p.shape[0] for p, _ in panels)
+    columns = []
+    for panel, text in panels:
+        column = np.full((bar + panel_height, panel.shape[1], 3), 255, np.uint8)
+        column[bar : bar + panel.shape[0]] = panel
+        cv2.putText(column, text, (4, bar - int(8 * font_scale / 0.45)), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
+                    (0, 0, 0), max(1, round(font_scale * 1.5)), cv2.LINE_AA)
+        columns.append(column)
+    gap = np.full((bar + panel_height, max(8, width // 80), 3), 160, np.uint8)
+    return np.hstack([columns[0], gap, columns[1]])

@@ -10,12 +10,33 @@ from pathlib import Path
 
 import numpy as np
 
+from tools.data.deeppcb import template_path_for
 from tools.pipeline_math import preprocess_as_served
 
 
-def load_boards(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """(detector inputs [N, C, H, W] float32, letterbox geometry [N, 5]) of the given encoded image files."""
+def load_boards(paths: list[Path], with_templates: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(detector inputs [N, C, H, W] float32, letterbox geometry [N, 5]) of the given encoded image files,
+    each with its DeepPCB template (``tools.data.deeppcb.template_path_for``) when ``with_templates`` and it has
+    one; without, as a request without a template is served."""
     if not paths:
         raise ValueError("no board images given")
-    tensors, geometries = zip(*(preprocess_as_served(Path(path).read_bytes()) for path in paths))
+    inputs = []
+    for path in paths:
+        template = template_path_for(path) if with_templates else None
+        inputs.append(preprocess_as_served(Path(path).read_bytes(), template.read_bytes() if template else None))
+    tensors, geometries, _ = zip(*inputs)
     return np.stack(tensors).astype(np.float32), np.stack(geometries).astype(np.float32)
+
+
+def load_mixed_boards(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """``load_boards`` for both kinds of request: every other board with its template, the rest alone."""
+    pairs, alone = load_boards(paths[::2]), load_boards(paths[1::2], with_templates=False) if len(paths) > 1 else None
+    if alone is None:
+        return pairs
+    return np.concatenate([pairs[0], alone[0]]), np.concatenate([pairs[1], alone[1]])
+
+
+def calibration_inputs(paths: list[Path]) -> np.ndarray:
+    """Detector inputs of both kinds of request for every board: with its template, then alone (a detector
+    that takes no template channel sees each board twice, harmlessly)."""
+    return np.concatenate([load_boards(paths, with_templates)[0] for with_templates in (True, False)])

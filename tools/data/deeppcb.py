@@ -55,6 +55,17 @@ def read_grey(path: Path) -> np.ndarray:
     return image
 
 
+def template_path_for(image_path: Path, templates_dir: Path | None = None) -> Path | None:
+    """The template of an inspected image, or None: in ``templates_dir`` (or beside the image) by DeepPCB
+    naming (``X_test.jpg`` -> ``X_temp.jpg``), or in ``templates_dir`` under the image's own file name."""
+    image_path = Path(image_path)
+    folder = Path(templates_dir) if templates_dir is not None else image_path.parent
+    candidates = [folder / image_path.name.replace("_test", "_temp", 1)] if "_test" in image_path.name else []
+    if templates_dir is not None:
+        candidates.append(folder / image_path.name)
+    return next((path for path in candidates if path.is_file() and path != image_path), None)
+
+
 def write_annotations(path: Path, boxes: np.ndarray, classes: np.ndarray) -> None:
     """Write boxes and 0-based classes as a DeepPCB annotation file (integer pixel corners, 1-based classes)."""
     lines = [

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from tools.contract import served_contract
-from tools.data.board_batches import load_boards
+from tools.data.board_batches import calibration_inputs, load_mixed_boards
 from tools.data.deeppcb import DEFAULT_ROOT
 from tools.data.splits import DEFAULT_SPLIT, check_model_split, held_out_boards
 from tools.engine.agreement import compare_outputs, onnxruntime_runner, run_in_batches
@@ -124,7 +124,7 @@ def convert(source: Path, output: Path, calibration_boards: list[Path], batch_si
     model = onnx.load(str(source))
     name_unnamed_nodes(model)
     keep_fp32 = decode_tail(model)
-    images, _ = load_boards(calibration_boards)
+    images = calibration_inputs(calibration_boards)
     with tempfile.TemporaryDirectory() as tmp:
         named = Path(tmp) / "named.onnx"
         onnx.save(model, str(named))
@@ -168,32 +168,41 @@ def precision_summary(model: onnx.ModelProto) -> str:
     return "; ".join(f"{op}: {n} {p}" for (op, p), n in sorted(counts.items()))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_conversion_arguments(parser: argparse.ArgumentParser, default_output: Path, precision: str) -> None:
+    """--source, --output, --data, --calibration-boards, --check-boards, --batch-size (FP16 and INT8 builds)."""
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="FP32 ONNX detector")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the FP16 ONNX")
+    parser.add_argument("--output", type=Path, default=default_output, help=f"where to write the {precision} ONNX")
     parser.add_argument("--data", type=Path, default=DEFAULT_ROOT, help="DeepPCB folder (boards for calibration/check)")
     parser.add_argument("--calibration-boards", type=int, default=DEFAULT_CALIBRATION_BOARDS)
     parser.add_argument(
         "--check-boards", type=int, default=DEFAULT_CHECK_BOARDS, help="further boards, disjoint from calibration"
     )
     parser.add_argument("--batch-size", type=int, default=4)
-    return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    # Calibration and the check must use boards the detector never trained on.
+def conversion_boards(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
+    """(calibration boards, check boards): disjoint, and never boards the detector was trained on."""
     check_model_split(args.source, DEFAULT_SPLIT, args.data / "trainval.txt")
     boards = held_out_boards(args.data)
     wanted = args.calibration_boards + args.check_boards
     if len(boards) < wanted:
         raise SystemExit(f"{args.data} has {len(boards)} held-out boards, {wanted} needed")
-    calibration, check = boards[: args.calibration_boards], boards[args.calibration_boards : wanted]
+    return boards[: args.calibration_boards], boards[args.calibration_boards : wanted]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_conversion_arguments(parser, DEFAULT_OUTPUT, "FP16")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    calibration, check = conversion_boards(args)
     converted = convert(args.source, args.output, calibration, args.batch_size)
     print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.2f} MB)")
     print(f"node precisions: {precision_summary(converted)}")
-    images, geometry = load_boards(check)
+    images, geometry = load_mixed_boards(check)  # with and without templates
     reference = run_in_batches(onnxruntime_runner(args.source), images, args.batch_size, "FP32 ONNX Runtime")
     candidate = run_in_batches(onnxruntime_runner(args.output), images, args.batch_size, "FP16 ONNX Runtime")
     verdict = compare_outputs(reference, candidate, geometry)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tools.contract import served_contract
-from tools.data.board_batches import load_boards
+from tools.data.board_batches import load_mixed_boards
 from tools.data.deeppcb import DEFAULT_ROOT
 from tools.data.splits import DEFAULT_SPLIT, check_model_split, held_out_boards
 from tools.engine.agreement import (
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_model_split(args.reference, DEFAULT_SPLIT, args.data / "trainval.txt")
-    images, geometry = load_boards(held_out_boards(args.data)[: args.boards])
+    images, geometry = load_mixed_boards(held_out_boards(args.data)[: args.boards])  # with and without templates
     reference = run_in_batches(onnxruntime_runner(args.reference), images, args.batch_size, "FP32 ONNX Runtime")
     try:
         with tensorrt_runner(args.engine) as engine:

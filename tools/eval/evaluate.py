@@ -11,20 +11,98 @@ with (tools.data.splits; a different split of the same list is refused). Metrics
 ``tools.eval.metrics`` (DeepPCB rule: IoU > 0.33 with a same-class defect, uninterpolated pooled AP; and VOC
 mAP@0.5). Writes ``report.md``, ``report.json``, ``precision_recall.png`` and annotated examples of misses
 and false alarms under ``--out`` (tools.eval.report).
+
+Golden-template inspection: ``--with-templates`` sends each board's defect-free template (``X_temp.jpg``) with
+it, and the report adds the registration scores. ``--misregister-shift PX --misregister-angle DEG`` sends the
+templates moved by a random known drift instead (``Misregistration.random``, seeded by
+``--misregister-seed``, encoded as PNG in memory), and reports the registration error against the drift
+(``expected_registration``; DeepPCB templates themselves sit up to a few pixels off their images, so the error
+includes that offset). A board whose template the server refuses is inspected without it and listed.
+
+    python -m tools.eval --list test.txt --with-templates --start-server
+    python -m tools.eval --list test.txt --with-templates --misregister-shift 30 --misregister-angle 1 --start-server
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Sequence
 
-from tools.arguments import add_data_arguments, add_scan_arguments, add_server_arguments, validation_split
-from tools.client.pipeline_client import PipelineClient
-from tools.contract import served_contract
+import cv2
+import numpy as np
+
+from tools.arguments import (
+    add_data_arguments,
+    add_misregistration_arguments,
+    add_scan_arguments,
+    add_server_arguments,
+    validation_split,
+)
+from tools.client.pipeline_client import InferenceFailed, PipelineClient
+from tools.contract import ServedContract, load_repository, parameter, served_contract
+from tools.data.deeppcb import Sample, read_grey
+from tools.data.misregistration import Misregistration
 from tools.data.splits import check_model_split, select_samples
-from tools.eval.report import EvaluationSetup, write_report
+from tools.detections import Detections
+from tools.eval.report import EvaluationSetup, registration_summary, write_report
+from tools.pipeline_math import registration, tiling
 from tools.serve.triton_server import serving
 
 LOW_SCORE_THRESHOLD = 0.001
+
+
+def misregistered_templates(samples: Sequence[Sample], shift: float, angle: float, seed: int, fill: float):
+    """Each board's template moved by a random drift: (encoded PNG bytes, the drift, the template's size)."""
+    rng = np.random.default_rng(seed)
+    moved = []
+    for sample in samples:
+        template = read_grey(sample.template_path)
+        drift = Misregistration.random(rng, shift, angle)
+        ok, encoded = cv2.imencode(".png", drift.apply(template, fill))
+        if not ok:
+            raise OSError(f"cannot encode the misregistered template of {sample.image_path}")
+        moved.append((encoded.tobytes(), drift, template.shape[1], template.shape[0]))
+    return moved
+
+
+def tile_windows(width: int, height: int, contract: ServedContract, scans: bool):
+    """The windows the served model registers a template in: the whole board, or the scan model's tiles."""
+    if not scans:
+        return [tiling.Window(0, 0, width, height)]
+    config = load_repository(contract.config_name, contract.models_root)[contract.scan_model]
+    size, overlap = int(parameter(config, "tile_size")), int(parameter(config, "tile_overlap"))
+    return tiling.tile_windows(height, width, size, overlap)
+
+
+def expected_registrations(drift: Misregistration, width: int, height: int, windows) -> np.ndarray:
+    """(tiles, 3) dx, dy, angle that registering each window of the moved template should report, in that
+    window's pixels (for one window covering the board: ``drift.expected_registration``)."""
+    moved_to_board = cv2.invertAffineTransform(
+        registration.rotation_about_centre(width, height, drift.dx, drift.dy, drift.angle))
+    rows = []
+    for w in windows:  # in window pixels q: q -> A (q + origin) - origin
+        local = moved_to_board.copy()
+        local[:, 2] += local[:, :2] @ np.array([w.x0, w.y0], np.float64) - (w.x0, w.y0)
+        rows.append(registration.describe_transform(local, w.x1 - w.x0, w.y1 - w.y0))
+    return np.array(rows, np.float64).reshape(-1, 3)
+
+
+def inspect_with_fallback(client: PipelineClient, samples: Sequence[Sample], templates, **request):
+    """Inspect every board with its template; a board whose template the server refuses (an error naming
+    TEMPLATE) is inspected again without one. Returns (detections, {image: why its template was refused});
+    any other failure raises InferenceFailed as without templates."""
+    paths = [s.image_path for s in samples]
+    try:
+        return client.infer_files(paths, templates=templates, **request), {}
+    except InferenceFailed as error:
+        refused = {name: why for name, why in error.failures.items() if "TEMPLATE" in why}
+        if len(refused) < len(error.failures):
+            raise
+        results: list[Detections] = list(error.results)
+        again = [i for i, p in enumerate(paths) if str(p) in refused]
+        for index, detections in zip(again, client.infer_files([paths[i] for i in again], **request)):
+            results[index] = detections
+        return results, refused
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,41 +116,80 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--examples", type=int, default=6, help="annotated boards to write")
     parser.add_argument("--out", type=Path, default=Path("reports/eval"))
     add_scan_arguments(parser)
+    group = parser.add_argument_group("golden-template inspection")
+    group.add_argument("--with-templates", action="store_true",
+                       help="send each board's defect-free template (X_temp) with it; the server registers it")
+    add_misregistration_arguments(group)
     args = parser.parse_args(argv)
     split = validation_split(args)
     contract = served_contract(models_root=args.model_repository)
+    misregister = bool(args.misregister_shift or args.misregister_angle)
+    if misregister and not args.with_templates:
+        parser.error("--misregister-shift/--misregister-angle move the templates: add --with-templates")
 
     if args.split != "all":
         check_model_split(contract.detector_onnx, split, args.data / args.list)
     samples = select_samples(args.data, args.list, args.split, split)[: args.limit]
     if not samples:
         raise SystemExit(f"no boards selected from {args.data / args.list} (split {args.split})")
+    templates, expected, refused = None, None, {}
+    if args.with_templates:
+        missing = [str(s.template_path) for s in samples if not s.template_path.is_file()]
+        if missing:
+            raise SystemExit(f"{len(missing)} boards have no template, e.g. {missing[0]}")
+        templates = [s.template_path for s in samples]
+        if misregister:
+            moved = misregistered_templates(samples, args.misregister_shift, args.misregister_angle,
+                                            args.misregister_seed, contract.pad_value)
+            templates = [encoded for encoded, *_ in moved]
+            expected = [expected_registrations(drift, w, h, tile_windows(w, h, contract, args.tile))
+                        for _, drift, w, h in moved]
+    request = dict(score_threshold=args.request_score_threshold, concurrency=args.concurrency, scans=args.tile,
+                   shared_memory=args.shared_memory)
     with serving(args.url, args.start_server, args.model_repository) as url:
         with PipelineClient(url=url, contract=contract) as client:
-            detections = client.infer_files(
-                [s.image_path for s in samples],
-                score_threshold=args.request_score_threshold,
-                concurrency=args.concurrency,
-                scans=args.tile,
-                shared_memory=args.shared_memory,
-            )
+            if templates is None:
+                detections = client.infer_files([s.image_path for s in samples], **request)
+            else:
+                detections, refused = inspect_with_fallback(client, samples, templates, **request)
     setup = EvaluationSetup(
         data=str(args.data),
         list=args.list,
         split=args.split,
         val_fraction=split.fraction,
         split_seed=split.seed,
+        val_groups=split.groups,
         url=url,
         model=contract.scan_model if args.tile else contract.pipeline_model,
         request_score_threshold=args.request_score_threshold,
         deployed_score_threshold=contract.score_threshold,
         config=str(contract.models_root / contract.postprocess_model),
+        templates=("misregistered" if misregister else "as given") if args.with_templates else "none",
+        misregister_shift=args.misregister_shift,
+        misregister_angle=args.misregister_angle,
+        misregister_seed=args.misregister_seed,
     )
-    report = write_report(samples, detections, setup, contract.labels, args.out, args.examples)
+    summary = registration_summary(samples, detections, expected, refused) if args.with_templates else None
+    report = write_report(samples, detections, setup, contract.labels, args.out, args.examples, summary)
     m = report["metrics"]
     print(
         f"{m['images']} boards, {m['ground_truths']} defects: DeepPCB AP {100 * m['deeppcb']['ap']:.2f} %, "
         f"F-score {100 * m['deeppcb']['at_threshold']['f_score']:.2f} % at score {contract.score_threshold:g}, "
         f"mAP@0.5 {100 * m['voc']['map50']:.2f} %. Report: {args.out / 'report.md'}"
     )
+    if summary is not None:
+        print(registration_line(summary))
     return report
+
+
+def registration_line(summary: dict) -> str:
+    score, line = summary["score"], f"Templates ({summary['templates']}): {summary['registered']} registered"
+    if score is not None:
+        line += f", score {score['min']:.3f} to {score['max']:.3f} (mean {score['mean']:.3f})"
+    if summary.get("error"):
+        shift, angle = summary["error"]["shift_px"], summary["error"]["angle_deg"]
+        line += (f"; error against the known drift: shift mean {shift['mean']:.2f} px, max {shift['max']:.2f} px, "
+                 f"angle mean {angle['mean']:.3f} deg, max {angle['max']:.3f} deg")
+    if summary["refused"]:
+        line += f"; {len(summary['refused'])} refused (inspected without)"
+    return line + "."

@@ -212,6 +212,9 @@ def operating_point(ranked: RankedDetections, score_threshold: float, class_id: 
     )
 
 
+THRESHOLD_SWEEP = np.round(np.arange(0.30, 0.851, 0.05), 2)
+
+
 def summarize(
     ground_truths: Sequence,
     predictions: Sequence,
@@ -241,6 +244,8 @@ def summarize(
             "iou_threshold": DEEPPCB_IOU_THRESHOLD,
             "ap": average_precision_uninterpolated(deeppcb),
             "at_threshold": asdict(operating_point(deeppcb, score_threshold)),
+            # To choose the deployed threshold on validation data: the F-score around it.
+            "f_by_threshold": {f"{t:.2f}": operating_point(deeppcb, t).f_score for t in THRESHOLD_SWEEP},
         },
         "voc": {
             "iou_threshold": VOC_IOU_THRESHOLD,

@@ -1,4 +1,5 @@
-"""The evaluation report: metrics of one run, the examples worth looking at, report.md/json and pictures."""
+"""The evaluation report: metrics of one run, the examples worth looking at, report.md/json and pictures; with
+templates, how the served registration placed them."""
 from __future__ import annotations
 
 import collections
@@ -26,11 +27,16 @@ class EvaluationSetup:
     split: str
     val_fraction: float
     split_seed: int
+    val_groups: tuple[str, ...]  # whole groups held out (then fraction and seed do not apply)
     url: str
     model: str
     request_score_threshold: float  # sent with every request, low so AP sees the whole ranking
     deployed_score_threshold: float  # the postprocess default, where the F-score is taken
     config: str  # the model folder whose config holds the deployed threshold
+    templates: str = "none"  # "none", "as given" (each board's own template) or "misregistered"
+    misregister_shift: float = 0.0  # px, the largest random drift of a misregistered template (each axis)
+    misregister_angle: float = 0.0  # degrees
+    misregister_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,74 @@ def pick_examples(outcomes: Sequence[ImageOutcome], count: int) -> list[ImageOut
     return list(picked.values())
 
 
+def spread(values) -> dict | None:
+    values = np.asarray(values, np.float64).reshape(-1)
+    if not len(values):
+        return None
+    return {"min": float(values.min()), "mean": float(values.mean()), "median": float(np.median(values)),
+            "p95": float(np.percentile(values, 95)), "max": float(values.max())}
+
+
+def registration_summary(samples: Sequence[Sample], detections: Sequence[Detections],
+                         expected: Sequence[np.ndarray] | None = None, refused: dict[str, str] | None = None) -> dict:
+    """How the served registration placed the templates: score spread over every registration (a board, or a
+    scan's tiles), and with ``expected`` (one (tiles, 3) dx, dy, angle per board, from the known drift) the
+    error: shift distance in px and absolute angle difference. ``refused``: boards whose template the server
+    refused (inspected without one), with why. Per-board rows go to report.json."""
+    refused = refused or {}
+    boards, scores, shift_errors, angle_errors = [], [], [], []
+    for index, (sample, found) in enumerate(zip(samples, detections, strict=True)):
+        if found.registration is None:
+            continue
+        rows = np.asarray(found.registration, np.float64).reshape(-1, 4)
+        board = {"image": str(sample.image_path), "registration": np.round(rows, 4).tolist()}
+        scores += rows[:, 3].tolist()
+        if expected is not None:
+            wanted = np.asarray(expected[index], np.float64).reshape(-1, 3)
+            shift = np.hypot(rows[:, 0] - wanted[:, 0], rows[:, 1] - wanted[:, 1])
+            angle = np.abs(rows[:, 2] - wanted[:, 2])
+            board |= {"expected": np.round(wanted, 4).tolist(), "shift_error_px": np.round(shift, 3).tolist(),
+                      "angle_error_deg": np.round(angle, 4).tolist()}
+            shift_errors += shift.tolist()
+            angle_errors += angle.tolist()
+        boards.append(board)
+    summary = {
+        "templates": "misregistered" if expected is not None else "as given",
+        "registered": len(boards),
+        "registrations": len(scores),
+        "score": spread(scores),
+        "refused": [{"image": image, "error": why} for image, why in refused.items()],
+        "boards": boards,
+    }
+    if expected is not None:
+        summary["error"] = {"shift_px": spread(shift_errors), "angle_deg": spread(angle_errors)}
+    return summary
+
+
+def registration_lines(summary: dict) -> list[str]:
+    """The report.md section on the templates' registration."""
+    lines = ["## Registration of the templates", ""]
+    per = "registration" if summary["registrations"] == summary["registered"] else "tile registration"
+    lines.append(f"Templates {summary['templates']}: {summary['registered']} boards registered "
+                 f"({summary['registrations']} {per}s), {len(summary['refused'])} refused by the server "
+                 "(inspected without a template).")
+    rows = [("score (ECC correlation, 0 to 1)", summary["score"], "{:.3f}")]
+    if "error" in summary:
+        rows += [("shift error against the known drift (px)", summary["error"]["shift_px"], "{:.2f}"),
+                 ("angle error against the known drift (deg)", summary["error"]["angle_deg"], "{:.3f}")]
+    lines += ["", "| | min | mean | median | p95 | max |", "|---|---:|---:|---:|---:|---:|"]
+    for name, values, form in rows:
+        if values is not None:
+            lines.append(f"| {name} | " + " | ".join(form.format(values[k]) for k in
+                                                    ("min", "mean", "median", "p95", "max")) + " |")
+    if "error" in summary:
+        lines += ["", "The error is measured against the drift applied to each template; DeepPCB templates "
+                      "themselves sit up to about 4 px off their images, and that offset is part of it."]
+    for item in summary["refused"][:20]:
+        lines.append(f"- `{item['image']}`: {item['error']}")
+    return lines + [""]
+
+
 def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f} %"
 
@@ -72,6 +146,22 @@ def count_names(names: Sequence[str]) -> str:
     return ", ".join(f"{name} x{n}" if n > 1 else name for name, n in counts.most_common()) or "-"
 
 
+def template_setup(setup: dict) -> str:
+    mode = setup.get("templates", "none")
+    if mode == "none":
+        return "none sent (single-image mode)"
+    if mode == "misregistered":
+        return (f"each board's own, moved by a random drift of up to ±{setup['misregister_shift']:g} px and "
+                f"±{setup['misregister_angle']:g} deg (seed {setup['misregister_seed']})")
+    return "each board's own, as given"
+
+
+def split_description(setup: dict) -> str:
+    if setup.get("val_groups"):
+        return f" (whole groups held out of training: {', '.join(setup['val_groups'])})"
+    return f" (val fraction {setup['val_fraction']}, seed {setup['split_seed']})"
+
+
 def markdown_report(report: dict, examples: list[dict]) -> str:
     summary, setup = report["metrics"], report["setup"]
     deeppcb, at = summary["deeppcb"], summary["deeppcb"]["at_threshold"]
@@ -79,10 +169,10 @@ def markdown_report(report: dict, examples: list[dict]) -> str:
         "# Accuracy of the served pipeline",
         "",
         f"Data: `{setup['data']}` list `{setup['list']}`, split `{setup['split']}`"
-        + (f" (val fraction {setup['val_fraction']}, seed {setup['split_seed']})" if setup["split"] != "all" else "")
+        + (split_description(setup) if setup["split"] != "all" else "")
         + f"; {summary['images']} boards, {summary['ground_truths']} defects. Served by `{setup['model']}` at "
         f"`{setup['url']}`, requested with score_threshold {setup['request_score_threshold']:g}; "
-        f"{summary['detections']} detections.",
+        f"{summary['detections']} detections. Templates: {template_setup(setup)}.",
         "",
         "| metric | value |",
         "|---|---:|",
@@ -92,6 +182,9 @@ def markdown_report(report: dict, examples: list[dict]) -> str:
         f"| true positives / false alarms / misses "
         f"| {at['true_positives']} / {at['false_positives']} / {at['false_negatives']} |",
         f"| mAP@0.5 (VOC, all-point, mean over classes) | {100 * summary['voc']['map50']:.2f} % |",
+        "",
+        "F-score by score threshold (to choose the deployed one on validation data): "
+        + ", ".join(f"{t} {100 * f:.2f} %" for t, f in deeppcb["f_by_threshold"].items()) + ".",
         "",
         "For reference, the DeepPCB paper reports 98.6 % mAP and 98.2 % F-score on the official test split.",
         "",
@@ -114,6 +207,8 @@ def markdown_report(report: dict, examples: list[dict]) -> str:
             percent(c["f_score"] if has_defects else None),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if report.get("registration") is not None:
+        lines += ["", *registration_lines(report["registration"])]
     lines += ["", "![precision-recall curves](precision_recall.png)", "", "## Examples of misses and false alarms", ""]
     lines.append(
         "Yellow corner brackets mark the labelled defects (thick, with a MISSED label, where the pipeline "
@@ -152,9 +247,11 @@ def write_report(
     class_names: Sequence[str],
     out: Path,
     example_count: int = 6,
+    registration: dict | None = None,
 ) -> dict:
     """Compute the metrics of ``detections`` (one per sample, as returned by the client at a low threshold)
-    and write report.json, report.md, precision_recall.png and examples/*.png under ``out``."""
+    and write report.json, report.md, precision_recall.png and examples/*.png under ``out``. ``registration``
+    (``registration_summary``, when templates were sent) goes into both reports."""
     if len(samples) != len(detections):
         raise ValueError(f"{len(samples)} boards but {len(detections)} detection sets")
     out = Path(out)
@@ -163,6 +260,8 @@ def write_report(
     ranked = [d.ranked() for d in detections]
     metrics = summarize(samples, ranked, deployed_threshold, class_names)
     report = {"setup": asdict(setup), "metrics": metrics, "method": METHOD}
+    if registration is not None:
+        report["registration"] = registration
     plot_precision_recall(samples, ranked, deployed_threshold, class_names, out / "precision_recall.png")
 
     kept = [d.above(deployed_threshold) for d in ranked]

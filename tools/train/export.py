@@ -33,8 +33,8 @@ DEFAULT_OUT = CONTRACT.detector_onnx
 def load_detector(weights: Path) -> tuple[PcbDefectDetector, str]:
     """The trained network and the split record of its training run."""
     checkpoint = torch.load(weights, weights_only=False)
-    model = PcbDefectDetector(num_classes=len(CLASS_NAMES))
-    model.load_state_dict(checkpoint["weights"])
+    model = PcbDefectDetector(num_classes=len(CLASS_NAMES), in_channels=CONTRACT.channels)
+    model.load_state_dict(checkpoint["weights"])  # refuses weights trained for another channel count
     if "validation_split" not in checkpoint:
         raise ValueError(f"{weights} records no validation split: retrain it with tools.train")
     return model.eval(), checkpoint["validation_split"]

@@ -10,10 +10,17 @@ whole board), flips and 90-degree rotations (board artwork is Manhattan/45-degre
 defect-free template crops as extra negatives, AdamW with a one-cycle schedule, an EMA of the weights,
 FCOS-style centre sampling on the stride-8 grid, a GIoU box loss and an IoU-aware focal class loss (the class
 score learns the box quality, which ranks detections well for AP and for NMS).
+
+A detector whose input has 2 channels (the served config says) sees the board and its registered template:
+each template is first moved off the board by a random shift and rotation (``--misregister-shift``,
+``--misregister-angle``: line-scan drift) and brought back by the served registration, so the detector learns
+the registration's residual error; ``--template-dropout`` of the samples get the served "no template" fill
+instead, so requests without a template keep working.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 from pathlib import Path
@@ -25,8 +32,11 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from tools.arguments import add_data_arguments, validation_split
+from tools.contract import served_contract
 from tools.data.deeppcb import CLASS_NAMES, Sample, read_grey, read_split
-from tools.data.splits import split_record
+from tools.data.misregistration import Misregistration
+from tools.data.splits import sample_group, split_record
+from tools.pipeline_math import TemplateRejected, image_ops, registration, registration_settings
 from tools.train.network import STRIDE, PcbDefectDetector, distances_to_xyxy, grid_centers
 
 CENTER_RADIUS = 2.5 * STRIDE  # anchors within this distance of a box centre (and inside the box) are positives
@@ -34,7 +44,7 @@ MIN_VISIBLE_FRACTION = 0.5  # a box cut by a crop is kept when at least this muc
 
 
 def random_crop(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, size: int, rng: np.random.Generator):
-    height, width = image.shape
+    height, width = image.shape[:2]
     y0 = int(rng.integers(0, height - size + 1))
     x0 = int(rng.integers(0, width - size + 1))
     crop = image[y0 : y0 + size, x0 : x0 + size]
@@ -46,7 +56,7 @@ def random_crop(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, size:
 
 
 def flip_rotate(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator):
-    """Random horizontal/vertical flip and 90-degree rotation of a square image and its boxes."""
+    """Random horizontal/vertical flip and 90-degree rotation of a square (H, W, C) image and its boxes."""
     size = image.shape[0]
     boxes = boxes.copy()
     if rng.random() < 0.5:
@@ -56,36 +66,78 @@ def flip_rotate(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator):
         image = image[::-1, :]
         boxes[:, [1, 3]] = size - boxes[:, [3, 1]]
     if rng.random() < 0.5:  # transpose = rotation by 90 degrees combined with the flips above
-        image = image.T
+        image = image.transpose(1, 0, 2)
         boxes = boxes[:, [1, 0, 3, 2]]
     return np.ascontiguousarray(image), boxes
 
 
-class CropSampler:
-    """Draws augmented training crops; a fraction of them are defect-free templates (pure negatives)."""
+def round_robin_by_group(samples: list[Sample]) -> list[Sample]:
+    """The samples reordered: the first of each group (board design), then the second of each, and so on."""
+    groups: dict[str, list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(sample_group(sample), []).append(sample)
+    rounds = itertools.zip_longest(*groups.values())
+    return [sample for round_ in rounds for sample in round_ if sample is not None]
 
-    def __init__(self, samples: list[Sample], crop: int, template_fraction: float, seed: int):
+
+def detector_pixels(image: np.ndarray, template: np.ndarray | None) -> np.ndarray:
+    """(H, W, C) pixels in the served detector's channel layout: the grey board, then (for a 2-channel
+    detector) its registered template or the served "no template" fill."""
+    if served_contract().channels != image_ops.TEMPLATE_CHANNELS:
+        return image[:, :, None]
+    if template is None:
+        template = np.full_like(image, round(served_contract().pad_value))
+    return np.dstack([image, template])
+
+
+def to_tensor(pixels: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(pixels).transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+
+
+class CropSampler:
+    """Draws augmented training crops; a fraction of them are defect-free templates (pure negatives). For a
+    2-channel detector each crop carries its template, misregistered and registered again as served, or (a
+    ``template_dropout`` share) the no-template fill."""
+
+    def __init__(self, samples: list[Sample], crop: int, template_fraction: float, seed: int,
+                 template_dropout: float = 0.0, misregister_shift: float = 0.0, misregister_angle: float = 0.0):
         self.samples = samples
         self.images = [read_grey(s.image_path) for s in tqdm(samples, desc="loading boards", leave=False)]
         self.templates = [read_grey(s.template_path) if s.template_path.exists() else None for s in samples]
         self.crop = crop
         self.template_fraction = template_fraction
+        self.template_dropout = template_dropout
+        self.misregister_shift, self.misregister_angle = misregister_shift, misregister_angle
+        self.settings = registration_settings()
         self.rng = np.random.default_rng(seed)
+
+    def registered_template(self, image: np.ndarray, template: np.ndarray | None) -> np.ndarray | None:
+        """The template after a random drift and the served registration; None (no template) for a
+        ``template_dropout`` share, when there is none, or when the registration refuses it."""
+        if template is None or served_contract().channels != image_ops.TEMPLATE_CHANNELS:
+            return None
+        if self.rng.random() < self.template_dropout:
+            return None
+        drift = Misregistration.random(self.rng, self.misregister_shift, self.misregister_angle)
+        try:
+            return registration.register_template(image, drift.apply(template, self.settings.fill), self.settings)[0]
+        except TemplateRejected:
+            return None
 
     def batch(self, size: int):
         images, targets = [], []
         for _ in range(size):
             i = int(self.rng.integers(len(self.samples)))
-            sample, image = self.samples[i], self.images[i]
+            sample, image, template = self.samples[i], self.images[i], self.templates[i]
             boxes, classes = sample.boxes, sample.classes
-            if self.templates[i] is not None and self.rng.random() < self.template_fraction:
-                image, boxes, classes = self.templates[i], boxes[:0], classes[:0]
-            crop, boxes, classes = random_crop(image, boxes, classes, self.crop, self.rng)
+            if template is not None and self.rng.random() < self.template_fraction:
+                image, boxes, classes = template, boxes[:0], classes[:0]
+            pixels = detector_pixels(image, self.registered_template(image, template))
+            crop, boxes, classes = random_crop(pixels, boxes, classes, self.crop, self.rng)
             crop, boxes = flip_rotate(crop, boxes, self.rng)
             images.append(crop)
             targets.append((torch.from_numpy(boxes), torch.from_numpy(classes)))
-        tensor = torch.from_numpy(np.stack(images)[:, None].astype(np.float32) / 255.0)
-        return tensor, targets
+        return to_tensor(images), targets
 
 
 def assign(centers: torch.Tensor, boxes: torch.Tensor):
@@ -145,7 +197,8 @@ def validation_loss(model, samples: list[Sample], batch: int = 8) -> float:
     total = 0.0
     for start in range(0, len(samples), batch):
         chunk = samples[start : start + batch]
-        images = torch.from_numpy(np.stack([read_grey(s.image_path) for s in chunk])[:, None].astype(np.float32) / 255)
+        images = to_tensor([detector_pixels(read_grey(s.image_path), read_grey(s.template_path) if s.template_path.exists()
+                                             else None) for s in chunk])
         centers = grid_centers(*images.shape[2:])
         targets = [(torch.from_numpy(s.boxes), torch.from_numpy(s.classes)) for s in chunk]
         distances, logits = model.raw_outputs(images)
@@ -176,15 +229,16 @@ def train(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     samples = read_split(Path(args.data), args.list)
-    if args.limit:
-        samples = samples[: args.limit]
+    if args.limit:  # taken from the groups in turn, so every group (a held-out one too) keeps boards
+        samples = round_robin_by_group(samples)[: args.limit]
     split = validation_split(args)
     train_samples, val_samples = split.divide(samples)
     # The split, and the list it divided, travel with the weights: tools that must not see training boards check it.
     split_json = split_record(split, Path(args.data) / args.list)
-    sampler = CropSampler(train_samples, args.crop, args.template_fraction, args.seed)
+    sampler = CropSampler(train_samples, args.crop, args.template_fraction, args.seed, args.template_dropout,
+                          args.misregister_shift, args.misregister_angle)
 
-    model = PcbDefectDetector(num_classes=len(CLASS_NAMES))
+    model = PcbDefectDetector(num_classes=len(CLASS_NAMES), in_channels=served_contract().channels)
     ema = AveragedModel(model, avg_fn=ramped_ema(args.ema_decay), use_buffers=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total_steps = args.epochs * args.steps_per_epoch
@@ -264,9 +318,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--template-fraction", type=float, default=0.1, help="share of crops taken from templates")
+    parser.add_argument("--template-dropout", type=float, default=0.3,
+                        help="share of samples a 2-channel detector sees without their template")
+    parser.add_argument("--misregister-shift", type=float, default=30.0,
+                        help="templates drift by up to this many pixels before registration")
+    parser.add_argument("--misregister-angle", type=float, default=1.0,
+                        help="and turn by up to this many degrees")
     parser.add_argument("--val-every", type=int, default=6, help="epochs between validation losses")
     parser.add_argument("--seed", type=int, default=0, help="seeds the crops, augmentation and initial weights")
-    parser.add_argument("--limit", type=int, default=0, help="use only the first N samples (smoke runs)")
+    parser.add_argument("--limit", type=int, default=0, help="use only N samples, taken from each group in turn (smoke runs)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     args = parser.parse_args(argv)

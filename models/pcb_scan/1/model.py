@@ -1,13 +1,16 @@
 """Triton glue for pcb_scan: one encoded scan -> tiles -> pcb_pipeline (BLS) -> detections in scan pixels.
 
 Settings come from the config parameters (tile_size, tile_overlap, tiles_per_request, requests_in_flight,
-merge_iou_threshold, max_scan_pixels, pipeline_model); K from the BOXES output dims. The request's own
-parameters (score_threshold, iou_threshold) and its trace go with every tile request, so the pipeline
-validates and applies them, and a trace of the scan includes its tiles. Helpers: tiling.py, scan.py.
+merge_iou_threshold, max_scan_pixels, template_size_tolerance, pipeline_model); K from the BOXES output dims.
+The request's own parameters (score_threshold, iou_threshold) and its trace go with every tile request, so the
+pipeline validates and applies them, and a trace of the scan includes its tiles. With the optional TEMPLATE
+(the whole scan's template), each tile request carries the same window of the template, the pipeline registers
+it onto the tile, and REGISTRATION returns one row per tile. Helpers: tiling.py, scan.py.
 """
 import asyncio
 import json
 import os
+import re
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -15,6 +18,14 @@ import triton_python_backend_utils as pb_utils
 
 class ChildFailed(Exception):
     """A tile request failed in the pipeline; its message says why."""
+
+
+class TemplateFailed(Exception):
+    """The scan's template cannot be used (undecodable, wrong size, or a tile's template refused)."""
+
+
+# How pcb_pipeline names a refused template: "TEMPLATE[i]: why", i the batch element of the tile request.
+CHILD_TEMPLATE_ERROR = re.compile(r"TEMPLATE\[(\d+)\]: (.*)", re.S)
 
 
 class TritonPythonModel:
@@ -28,10 +39,13 @@ class TritonPythonModel:
         self.requests_in_flight = int(parameters["requests_in_flight"])
         self.merge_iou = float(parameters["merge_iou_threshold"])
         self.max_scan_pixels = int(parameters["max_scan_pixels"])
-        (image_input,) = config["input"]
-        self.image_input = image_input["name"]
-        # The pipeline's outputs are this model's, less NUM_TILES: count, boxes, scores, classes.
-        self.detection_outputs = [o["name"] for o in config["output"] if o["name"] != "NUM_TILES"]
+        self.template_size_tolerance = int(parameters["template_size_tolerance"])
+        (self.image_input,) = [i["name"] for i in config["input"] if not i.get("optional", False)]
+        (self.template_input,) = [i["name"] for i in config["input"] if i.get("optional", False)]
+        self.registration_output = "REGISTRATION"
+        # The pipeline's outputs are this model's, less NUM_TILES: count, boxes, scores, classes, registration.
+        self.detection_outputs = [o["name"] for o in config["output"]
+                                  if o["name"] not in ("NUM_TILES", self.registration_output)]
         self.max_detections = int(pb_utils.get_output_config_by_name(config, "BOXES")["dims"][0])
 
         # OpenCV reads its decoder pixel limit once, at its first import: set it from the config before that.
@@ -47,54 +61,92 @@ class TritonPythonModel:
 
     async def _respond(self, request):
         encoded_scans = pb_utils.get_input_tensor_by_name(request, self.image_input).as_numpy().reshape(-1)
+        template_tensor = pb_utils.get_input_tensor_by_name(request, self.template_input)  # None: not sent
+        encoded_templates = [None] * len(encoded_scans)
+        if template_tensor is not None:
+            encoded_templates = template_tensor.as_numpy().reshape(-1)
+            if len(encoded_templates) != len(encoded_scans):
+                return self._error(f"{self.template_input} has {len(encoded_templates)} entries and "
+                                   f"{self.image_input} {len(encoded_scans)}: send one template per scan",
+                                   pb_utils.TritonError.INVALID_ARG)
         # BLS requests take bool, int or str parameters; a float goes as its exact decimal text, which
         # postprocess parses like a number.
         parameters = {key: str(value) if isinstance(value, float) else value
                       for key, value in json.loads(request.parameters()).items()}
         results = []
-        for index, encoded in enumerate(encoded_scans):
+        for index, (encoded, encoded_template) in enumerate(zip(encoded_scans, encoded_templates)):
             try:
-                results.append(await self._inspect(encoded, parameters, request.trace()))
-            except self.scan.ScanRejected as exc:
+                results.append(await self._inspect(encoded, encoded_template, parameters, request.trace()))
+            except (self.scan.ScanRejected, ChildFailed) as exc:
                 return self._error(f"{self.image_input}[{index}]: {exc}", pb_utils.TritonError.INVALID_ARG)
-            except ChildFailed as exc:
-                return self._error(f"{self.image_input}[{index}]: {exc}", pb_utils.TritonError.INVALID_ARG)
+            except TemplateFailed as exc:
+                return self._error(f"{self.template_input}[{index}]: {exc}", pb_utils.TritonError.INVALID_ARG)
         return pb_utils.InferenceResponse(output_tensors=self._outputs(results))
 
-    async def _inspect(self, encoded: bytes, parameters: dict, trace):
+    def _decode_template(self, encoded_template: bytes, height: int, width: int):
+        """The scan's template pixels, checked against the scan's size; TemplateFailed says what is wrong."""
+        try:
+            template = self.scan.decode_scan(encoded_template, self.max_scan_pixels)
+        except self.scan.ScanRejected as exc:
+            raise TemplateFailed(str(exc)) from None
+        template_height, template_width = template.shape[:2]
+        tolerance = self.template_size_tolerance
+        if abs(template_height - height) > tolerance or abs(template_width - width) > tolerance:
+            raise TemplateFailed(f"template is {template_width}x{template_height}, the scan {width}x{height}: more "
+                                 f"than the {tolerance} px tolerance apart")
+        return template
+
+    async def _inspect(self, encoded: bytes, encoded_template, parameters: dict, trace):
         image = self.scan.decode_scan(encoded, self.max_scan_pixels)
         height, width = image.shape[:2]
+        template = None if encoded_template is None else self._decode_template(encoded_template, height, width)
         windows = self.tiling.tile_windows(height, width, self.tile_size, self.tile_overlap)
-        chunks = [windows[i : i + self.tiles_per_request] for i in range(0, len(windows), self.tiles_per_request)]
+        starts = range(0, len(windows), self.tiles_per_request)
         slots = asyncio.Semaphore(self.requests_in_flight)
+        outputs = self.detection_outputs + ([self.registration_output] if template is not None else [])
 
-        async def detect(chunk):
+        async def detect(start):
+            chunk = windows[start : start + self.tiles_per_request]
             async with slots:  # encode only while a slot is free: the encoded tiles in memory stay bounded
-                encoded_tiles = np.array([[self.scan.encode_tile(image, window)] for window in chunk], dtype=object)
+                inputs = [self._tiles_tensor(self.image_input, image, chunk)]
+                if template is not None:  # the same windows of the template (clipped where it is smaller)
+                    inputs.append(self._tiles_tensor(self.template_input, template, chunk))
                 child = pb_utils.InferenceRequest(
                     model_name=self.pipeline_model,
-                    inputs=[pb_utils.Tensor(self.image_input, encoded_tiles)],
-                    requested_output_names=self.detection_outputs,
+                    inputs=inputs,
+                    requested_output_names=outputs,
                     parameters=parameters,
                     trace=trace,
                 )
                 response = await child.async_exec()
             if response.has_error():
-                raise ChildFailed(response.error().message())
-            return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in self.detection_outputs]
+                message = response.error().message()
+                refused = CHILD_TEMPLATE_ERROR.search(message) if template is not None else None
+                if refused:
+                    tile = start + int(refused.group(1))
+                    w = windows[tile]
+                    raise TemplateFailed(f"tile {tile} (x {w.x0}-{w.x1}, y {w.y0}-{w.y1}): {refused.group(2)}")
+                raise ChildFailed(message)
+            return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs]
 
-        tile_outputs = await asyncio.gather(*(detect(chunk) for chunk in chunks))
+        tile_outputs = await asyncio.gather(*(detect(start) for start in starts))
         boxes, scores, classes = [], [], []
-        for num, chunk_boxes, chunk_scores, chunk_classes in tile_outputs:
+        registrations = np.zeros((len(windows), 4), np.float32)
+        for start, (num, chunk_boxes, chunk_scores, chunk_classes, *registration) in zip(starts, tile_outputs):
             for row, count in enumerate(num.reshape(-1)):
                 boxes.append(chunk_boxes[row, :count])
                 scores.append(chunk_scores[row, :count])
                 classes.append(chunk_classes[row, :count])
+            if registration:
+                registrations[start : start + len(num)] = registration[0].reshape(-1, 4)
         merged = self.tiling.merge_tiles(boxes, scores, classes, windows, height, width, self.merge_iou)
         if len(merged[1]) > self.max_detections:
             raise ChildFailed(f"{len(merged[1])} defects found, more than the {self.max_detections} this model "
                               f"returns: raise score_threshold, or K (the BOXES dims) in the config")
-        return (*merged, len(windows))
+        return (*merged, registrations)
+
+    def _tiles_tensor(self, name, pixels, chunk):
+        return pb_utils.Tensor(name, np.array([[self.scan.encode_tile(pixels, w)] for w in chunk], dtype=object))
 
     def _outputs(self, results):
         k = self.max_detections
@@ -103,11 +155,14 @@ class TritonPythonModel:
         scores = np.zeros((len(results), k), np.float32)
         classes = np.zeros((len(results), k), np.int32)
         tiles = np.zeros((len(results), 1), np.int32)
-        for i, (scan_boxes, scan_scores, scan_classes, num_tiles) in enumerate(results):
+        registration = np.zeros((len(results), max(len(r[3]) for r in results), 4), np.float32)
+        for i, (scan_boxes, scan_scores, scan_classes, tile_registrations) in enumerate(results):
             n = len(scan_scores)
-            count[i, 0], tiles[i, 0] = n, num_tiles
+            count[i, 0], tiles[i, 0] = n, len(tile_registrations)
             boxes[i, :n], scores[i, :n], classes[i, :n] = scan_boxes, scan_scores, scan_classes
-        arrays = dict(zip(self.detection_outputs, (count, boxes, scores, classes)), NUM_TILES=tiles)
+            registration[i, : len(tile_registrations)] = tile_registrations
+        arrays = dict(zip(self.detection_outputs, (count, boxes, scores, classes)))
+        arrays |= {self.registration_output: registration, "NUM_TILES": tiles}
         return [pb_utils.Tensor(name, array) for name, array in arrays.items()]
 
     @staticmethod

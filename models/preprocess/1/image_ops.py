@@ -1,9 +1,15 @@
 """Turning one encoded image into the detector's input tensor.
 
-Decoding runs on the CPU (Pillow reads the header, OpenCV decodes the pixels). Letterboxing (resize, pad,
+Decoding runs on the CPU (Pillow reads the header, OpenCV decodes the pixels), and so does registering a
+template onto the image (registration.py). Letterboxing (resize, pad,
 scale to [0, 1]) has two implementations with the same geometry: ``letterbox_opencv`` for CPU instances
 (OpenCV's resize and border, a fraction of a millisecond per board) and array code written once for NumPy
 and CuPy for GPU instances (every function taking ``xp`` runs unchanged on either).
+
+Channel layout (the detector input's channel count C decides it): C = 1 grey image; C = 3 RGB image (an
+Ultralytics detector); C = 2 grey image, then the board's registered template in grey, or the border fill
+throughout when the request sent none. With C = 1 or 3 a template is still decoded, checked and registered
+(the REGISTRATION output), but the detector does not see it.
 
 Geometry convention: a point at ``x`` in original pixels lands at ``x * scale + pad_x`` in the detector
 input (continuous coordinates, pixel edges at integers), so ``x = (x_in - pad_x) / scale`` maps it back.
@@ -16,6 +22,7 @@ import warnings
 import cv2
 import numpy as np
 from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
+from registration import BAD_TEMPLATE, RegistrationSettings, TemplateRejected, register_template
 
 # Pillow's format classes read only the header when constructed: the declared size is known before any
 # pixel is decoded. (PIL.Image.open would add Pillow's own fixed bomb limit on top of the configured one.)
@@ -25,7 +32,9 @@ _HEADER_READERS = (
     ("BMP", BmpImagePlugin.BmpImageFile),
     ("TIFF", TiffImagePlugin.TiffImageFile),
 )
-SUPPORTED_CHANNELS = (1, 3)
+SUPPORTED_CHANNELS = (1, 3)  # decoded image channels
+TEMPLATE_CHANNELS = 2  # a detector input of this many channels takes the grey image and the registered template
+NO_REGISTRATION = np.zeros(4, dtype=np.float32)  # REGISTRATION when no template was sent
 
 
 class ImageRejected(ValueError):
@@ -173,14 +182,42 @@ def letterbox_opencv(image: np.ndarray, input_height: int, input_width: int, pad
     return tensor, geometry
 
 
+def board_pixels(encoded: bytes, encoded_template: bytes | None, channels: int, max_pixels: int,
+                 registration: RegistrationSettings | None):
+    """Decode the image (and register its template onto it) into the detector's channel layout.
+
+    Returns (pixels (H, W, channels) uint8, registration float32 (dx, dy, angle, score), zeros without a
+    template). Raises ImageRejected for the image, TemplateRejected for the template (its reason:
+    registration.BAD_TEMPLATE or TEMPLATE_MISMATCH).
+    """
+    image = decode_image(encoded, 1 if channels == TEMPLATE_CHANNELS else channels, max_pixels)
+    if encoded_template is None:
+        if channels != TEMPLATE_CHANNELS:
+            return image, NO_REGISTRATION
+        return np.dstack([image, np.full_like(image, round(registration.fill))]), NO_REGISTRATION
+    try:
+        template = decode_image(encoded_template, 1, max_pixels)[:, :, 0]
+    except ImageRejected as exc:
+        raise TemplateRejected(str(exc), BAD_TEMPLATE) from None
+    grey = image[:, :, 0] if image.shape[2] == 1 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    registered, found = register_template(grey, template, registration)
+    if channels != TEMPLATE_CHANNELS:
+        return image, found
+    return np.dstack([image, registered]), found
+
+
 def preprocess_image_opencv(encoded: bytes, input_height: int, input_width: int, channels: int, pad_value: float,
-                            max_pixels: int):
+                            max_pixels: int, template: bytes | None = None,
+                            registration: RegistrationSettings | None = None):
     """``preprocess_image`` for CPU instances: decode and letterbox with OpenCV (see ``letterbox_opencv``)."""
-    return letterbox_opencv(decode_image(encoded, channels, max_pixels), input_height, input_width, pad_value)
+    pixels, found = board_pixels(encoded, template, channels, max_pixels, registration)
+    return (*letterbox_opencv(pixels, input_height, input_width, pad_value), found)
 
 
 def preprocess_image(encoded: bytes, input_height: int, input_width: int, channels: int, pad_value: float,
-                     max_pixels: int, xp=np):
-    """Decode on the CPU, move the pixels to ``xp``'s device and letterbox them there (see ``letterbox``)."""
-    image = decode_image(encoded, channels, max_pixels)
-    return letterbox(xp.asarray(image), input_height, input_width, pad_value, xp)
+                     max_pixels: int, template: bytes | None = None, registration: RegistrationSettings | None = None,
+                     xp=np):
+    """Decode (and register) on the CPU, move the pixels to ``xp``'s device and letterbox them there (see
+    ``letterbox``). Returns (tensor, geometry, registration), the last on the CPU."""
+    pixels, found = board_pixels(encoded, template, channels, max_pixels, registration)
+    return (*letterbox(xp.asarray(pixels), input_height, input_width, pad_value, xp), found)

@@ -1,7 +1,8 @@
-"""Triton glue for preprocess: encoded IMAGE bytes -> letterboxed `images` and `LETTERBOX` geometry.
+"""Triton glue for preprocess: encoded IMAGE (and optional TEMPLATE) bytes -> letterboxed `images`,
+`LETTERBOX` geometry and the template's `REGISTRATION`.
 
-The input size and channel count come from the `images` output dims; `pad_value` and `max_image_pixels`
-from the config parameters. CPU instances letterbox with OpenCV (image_ops.preprocess_image_opencv), GPU
+The input size and channel layout come from the `images` output dims; `pad_value`, `max_image_pixels` and the
+registration settings (`registration_*`, `template_size_tolerance`) from the config parameters. CPU instances letterbox with OpenCV (image_ops.preprocess_image_opencv), GPU
 instances with the array code on CuPy (image_ops.preprocess_image); both are in image_ops.py beside this file.
 """
 import functools
@@ -27,6 +28,14 @@ class TritonPythonModel:
         os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(self.max_image_pixels)
         import image_ops
 
+        self.registration = image_ops.RegistrationSettings(
+            max_shift=float(parameters["registration_max_shift"]),
+            max_angle=float(parameters["registration_max_angle"]),
+            min_score=float(parameters["registration_min_score"]),
+            size_tolerance=int(parameters["template_size_tolerance"]),
+            scale=float(parameters["registration_scale"]),
+            fill=self.pad_value,
+        )
         self.image_ops = image_ops
         self.xp = np
         self.preprocess_image = image_ops.preprocess_image_opencv
@@ -42,24 +51,38 @@ class TritonPythonModel:
 
     def _respond(self, request):
         encoded_images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
-        tensors, geometries = [], []
-        for index, encoded in enumerate(encoded_images):
+        template_tensor = pb_utils.get_input_tensor_by_name(request, "TEMPLATE")  # None: optional, not sent
+        encoded_templates = [None] * len(encoded_images)
+        if template_tensor is not None:
+            encoded_templates = template_tensor.as_numpy().reshape(-1)
+            if len(encoded_templates) != len(encoded_images):
+                return self._error(f"TEMPLATE has {len(encoded_templates)} entries and IMAGE {len(encoded_images)}: "
+                                   "send one template per image")
+        tensors, geometries, registrations = [], [], []
+        for index, (encoded, template) in enumerate(zip(encoded_images, encoded_templates)):
             try:
-                tensor, geometry = self.preprocess_image(
+                tensor, geometry, registration = self.preprocess_image(
                     encoded, self.input_height, self.input_width, self.channels, self.pad_value,
-                    self.max_image_pixels,
+                    self.max_image_pixels, template, self.registration,
                 )
             except self.image_ops.ImageRejected as exc:
-                return pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"IMAGE[{index}]: {exc}", pb_utils.TritonError.INVALID_ARG)
-                )
+                return self._error(f"IMAGE[{index}]: {exc}")
+            except self.image_ops.TemplateRejected as exc:
+                return self._error(f"TEMPLATE[{index}]: {exc}")
             tensors.append(tensor)
             geometries.append(geometry)
+            registrations.append(registration)
         # A lone image (the usual request) needs no stacking copy.
         images = tensors[0][None] if len(tensors) == 1 else self.xp.stack(tensors)
-        return pb_utils.InferenceResponse(
-            output_tensors=[self._output("images", images), self._output("LETTERBOX", self.xp.stack(geometries))]
-        )
+        return pb_utils.InferenceResponse(output_tensors=[
+            self._output("images", images),
+            self._output("LETTERBOX", self.xp.stack(geometries)),
+            pb_utils.Tensor("REGISTRATION", np.stack(registrations)),  # computed on the CPU on either device
+        ])
+
+    @staticmethod
+    def _error(message):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
 
     def _output(self, name, array):
         if self.xp is np:

@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bare = parser.add_argument_group("detector alone")
     bare.add_argument("--warmup", type=int, default=5, help="untimed runs per batch size")
     bare.add_argument("--runs", type=int, default=30, help="timed runs per batch size")
+    bare.add_argument("--compare-onnx", type=Path, metavar="FILE",
+                      help="also time this ONNX detector in the same run (same threads, boards and batches), e.g. "
+                           "the previous model, and report the served one's latency as a ratio of it")
     add_server_arguments(parser)
     sweep = parser.add_argument_group("pipeline sweep")
     sweep.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -53,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sweep.add_argument("--score-threshold", type=float,
                        help="request parameter for every request (default: the deployed threshold); a low one "
                             "measures postprocess with many candidate boxes")
+    sweep.add_argument("--with-templates", action="store_true",
+                       help="send each board's DeepPCB template with it (golden-template inspection)")
     scans = parser.add_argument_group("whole-board scans (scan)")
     scans.add_argument("--scan-side", type=int, default=4096, help="the scan is this many pixels square")
     scans.add_argument("--scans", type=int, default=6, help="timed scans per concurrency level")
@@ -90,13 +95,16 @@ def main(argv: list[str] | None = None) -> dict:
     boards = benchmark_boards(args, args.boards or max(batch_sizes))
     if args.what in ("onnx", "all"):
         # Before any server is started for the run, so the bare detector has the CPU to itself.
-        report["bare_detector"] = time_bare_detector(ServedDetector.from_cpu_config(contract), boards, batch_sizes,
-                                                     args.warmup, args.runs)
+        served = ServedDetector.from_cpu_config(contract)
+        report["bare_detector"] = time_bare_detector(served, boards, batch_sizes, args.warmup, args.runs)
+        if args.compare_onnx:
+            other = ServedDetector(args.compare_onnx, served.intra_op_threads)
+            report["compared_detector"] = time_bare_detector(other, boards, batch_sizes, args.warmup, args.runs)
     if args.what in ("server", "all"):
         measurement = Measurement(args.measurement_ms, args.max_trials, args.stability_percentage)
         with serving(args.url, args.start_server, args.model_repository) as url:
             report["pipeline"] = pipeline_sweep(url, contract, boards, args.concurrency, args.client, measurement,
-                                                args.score_threshold)
+                                                args.score_threshold, args.with_templates)
             report["memory"] = server_memory(url)
     if args.what == "all":
         report["comparison"] = pipeline_against_bare(report["bare_detector"], report["pipeline"])

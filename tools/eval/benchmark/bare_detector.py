@@ -50,8 +50,10 @@ def time_bare_detector(detector: ServedDetector, boards: list[Path], batch_sizes
                        warmup: int, runs: int) -> dict:
     """Latency per batch size over ``runs`` timed runs after ``warmup``; batches cycle through ``boards``."""
     session = open_session(detector)
-    input_name = session.get_inputs()[0].name
-    inputs, _ = load_boards(boards)
+    model_input = session.get_inputs()[0]
+    # A detector of fewer channels (another model compared in the same run) takes the board channel(s) only.
+    inputs = load_boards(boards)[0][:, : model_input.shape[1]]
+    input_name = model_input.name
     results = []
     for batch in batch_sizes:
         feed = {input_name: inputs[np.arange(batch) % len(inputs)]}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools.contract import ServedContract
+from tools.data.deeppcb import template_path_for
 
 TOOL = "perf_analyzer"
 
@@ -79,15 +80,32 @@ def perf_analyzer_environment() -> dict[str, str]:
     return env
 
 
-def write_perf_analyzer_input(boards: list[Path], path: Path, input_name: str) -> None:
-    """perf_analyzer real-input JSON: one encoded board per request, round-robin. A BYTES element is a
-    4-byte little-endian length followed by the bytes, and that whole string is what gets base64-encoded."""
+def bytes_entry(encoded: bytes) -> dict:
+    """One BYTES element of perf_analyzer's real-input JSON: a 4-byte little-endian length followed by the bytes,
+    and that whole string is what gets base64-encoded."""
+    serialized = struct.pack("<I", len(encoded)) + encoded
+    return {"content": {"b64": base64.b64encode(serialized).decode("ascii")}, "shape": [1]}
+
+
+def write_perf_analyzer_input(boards: list[Path], path: Path, contract: ServedContract,
+                              with_templates: bool = False) -> None:
+    """perf_analyzer real-input JSON: one encoded board per request (with its DeepPCB template when
+    ``with_templates``), round-robin."""
     entries = []
     for board in boards:
-        encoded = Path(board).read_bytes()
-        serialized = struct.pack("<I", len(encoded)) + encoded
-        entries.append({input_name: {"content": {"b64": base64.b64encode(serialized).decode("ascii")}, "shape": [1]}})
+        entry = {contract.image_input: bytes_entry(Path(board).read_bytes())}
+        if with_templates:
+            entry[contract.template_input] = bytes_entry(board_template(board).read_bytes())
+        entries.append(entry)
     Path(path).write_text(json.dumps({"data": entries}))
+
+
+def board_template(board: Path) -> Path:
+    """The DeepPCB template of a benchmark board; SystemExit naming the board when it has none."""
+    template = template_path_for(board)
+    if template is None:
+        raise SystemExit(f"{board} has no template beside it (X_test.jpg -> X_temp.jpg): cannot use --with-templates")
+    return template
 
 
 def failure_reason(output: str) -> str:
@@ -108,9 +126,9 @@ class PerfAnalyzer:
     tool = TOOL
 
     def __init__(self, url: str, contract: ServedContract, boards: list[Path], measurement: Measurement,
-                 score_threshold: float | None = None):
+                 score_threshold: float | None = None, with_templates: bool = False):
         self.url, self.contract, self.boards = url, contract, boards
-        self.measurement, self.score_threshold = measurement, score_threshold
+        self.measurement, self.score_threshold, self.with_templates = measurement, score_threshold, with_templates
         self._folder: tempfile.TemporaryDirectory | None = None
 
     def __enter__(self) -> "PerfAnalyzer":
@@ -118,7 +136,7 @@ class PerfAnalyzer:
         self._environment = perf_analyzer_environment()
         self._folder = tempfile.TemporaryDirectory(prefix="perf_analyzer-")
         self._input = Path(self._folder.name) / "boards.json"
-        write_perf_analyzer_input(self.boards, self._input, self.contract.image_input)
+        write_perf_analyzer_input(self.boards, self._input, self.contract, self.with_templates)
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from tools.client.pipeline_client import PipelineClient
 from tools.contract import ServedContract
 from tools.eval.benchmark.latency import percentiles_ms
+from tools.eval.benchmark.perf_analyzer import board_template
 
 TOOL = "python-client fallback"
 
@@ -21,9 +22,10 @@ class PythonClientLoad:
     tool = TOOL
 
     def __init__(self, url: str, contract: ServedContract, boards: list[Path], seconds: float,
-                 score_threshold: float | None = None):
+                 score_threshold: float | None = None, with_templates: bool = False):
         self.url, self.contract, self.seconds, self.score_threshold = url, contract, seconds, score_threshold
         self.encoded = [Path(board).read_bytes() for board in boards]
+        self.templates = [board_template(board).read_bytes() for board in boards] if with_templates else None
 
     def __enter__(self) -> "PythonClientLoad":
         return self
@@ -35,14 +37,19 @@ class PythonClientLoad:
                            lock: threading.Lock) -> None:
         """One thread: boards ``first``, ``first + step``, ... one per request until ``deadline``."""
         with PipelineClient(self.url, contract=self.contract) as client:
-            client.infer([self.encoded[first % len(self.encoded)]], self.score_threshold)  # warm-up, not timed
+            self._send(client, first)  # warm-up, not timed
             sent = first
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
-                client.infer([self.encoded[sent % len(self.encoded)]], self.score_threshold)
+                self._send(client, sent)
                 with lock:
                     latencies.append(time.perf_counter() - start)
                 sent += step
+
+    def _send(self, client: PipelineClient, board: int) -> None:
+        board %= len(self.encoded)
+        client.infer([self.encoded[board]], self.score_threshold,
+                     templates=[self.templates[board]] if self.templates else None)
 
     def measure(self, concurrency: int) -> dict:
         print(f"python client concurrency {concurrency} ...", flush=True)

@@ -56,6 +56,14 @@ def bare_section(bare: dict) -> list[str]:
     return lines + [""]
 
 
+def detector_ratio_lines(served: dict, compared: dict) -> list[str]:
+    """The served detector's latency per image as a ratio of the compared one's, batch by batch."""
+    ratios = [f"batch {a['batch']}: {a['p50_ms_per_image'] / b['p50_ms_per_image']:.2f}x"
+              for a, b in zip(served["results"], compared["results"])]
+    return [f"Served detector's p50 latency per image against `{compared['model']}` (same run): "
+            + ", ".join(ratios) + ".", ""]
+
+
 def measurement_sentence(pipeline: dict) -> str:
     measurement = pipeline["measurement"]
     if pipeline["tool"] != "perf_analyzer":
@@ -195,6 +203,9 @@ def markdown_report(report: dict) -> str:
              ""]
     if "bare_detector" in report:
         lines += bare_section(report["bare_detector"])
+    if "compared_detector" in report:
+        lines += bare_section(report["compared_detector"])[2:]  # the same table, under the served one's heading
+        lines += detector_ratio_lines(report["bare_detector"], report["compared_detector"])
     if "pipeline" in report:
         lines += pipeline_section(report["pipeline"], machine)
     if "comparison" in report:

@@ -40,11 +40,15 @@ def with_target_checks(row: dict) -> dict:
 
 
 def pipeline_sweep(url: str, contract: ServedContract, boards: list[Path], concurrency: list[int], client: str,
-                   measurement: Measurement, score_threshold: float | None = None) -> dict:
-    """End-to-end figures per concurrency level and the stage breakdown of each."""
+                   measurement: Measurement, score_threshold: float | None = None,
+                   with_templates: bool = False) -> dict:
+    """End-to-end figures per concurrency level and the stage breakdown of each; ``with_templates`` sends each
+    board's template with it."""
     models = stage_models(contract)
-    fallback = PythonClientLoad(url, contract, boards, measurement.python_client_seconds, score_threshold)
-    load = PerfAnalyzer(url, contract, boards, measurement, score_threshold) if client == "perf_analyzer" else fallback
+    fallback = PythonClientLoad(url, contract, boards, measurement.python_client_seconds, score_threshold,
+                                with_templates)
+    load = (PerfAnalyzer(url, contract, boards, measurement, score_threshold, with_templates)
+            if client == "perf_analyzer" else fallback)
     note = ""
     try:
         rows = measure_levels(load, url, models, concurrency)
@@ -60,6 +64,7 @@ def pipeline_sweep(url: str, contract: ServedContract, boards: list[Path], concu
         "stage_models": models,
         "boards": len(boards),
         "score_threshold": score_threshold,
+        "with_templates": with_templates,
         "default_score_threshold": contract.score_threshold,
         "measurement": asdict(measurement),
         "targets": TARGETS,

@@ -1,0 +1,89 @@
+"""The served template registration (models/preprocess/1/registration.py): known drifts are recovered, the
+convention of REGISTRATION holds, and templates that are not the board's are refused with their reason."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from tools.data.deeppcb import read_grey, read_split
+from tools.data.misregistration import Misregistration
+from tools.pipeline_math import TemplateRejected, registration, registration_settings
+
+SETTINGS = registration_settings()
+
+
+@pytest.fixture(scope="module")
+def templates(deeppcb_root):
+    """Defect-free DeepPCB templates of four board designs (groups)."""
+    samples = read_split(deeppcb_root)
+    by_group = {}
+    for sample in samples:
+        by_group.setdefault(sample.image_path.parent.parent.name, sample)
+    return [read_grey(sample.template_path) for sample in list(by_group.values())[:4]]
+
+
+def test_convention_round_trips():
+    matrix = registration.rotation_about_centre(640, 480, 12.5, -7.25, 0.8)
+    np.testing.assert_allclose(registration.describe_transform(matrix, 640, 480), (12.5, -7.25, 0.8), atol=1e-9)
+    # The centre turns in place: only the shift moves it.
+    centre = np.array([(640 - 1) / 2, (480 - 1) / 2, 1])
+    np.testing.assert_allclose(matrix @ centre, centre[:2] + (12.5, -7.25), atol=1e-9)
+
+
+@pytest.mark.parametrize("dx,dy", [(0, 0), (30, -30), (-17, 9), (4.5, 22.25), (-29, -3)])
+def test_pure_shifts_are_recovered_within_one_pixel(templates, dx, dy):
+    """The board is a template itself, so the drift applied is the whole truth (DeepPCB's own pairs are offset
+    by a few pixels)."""
+    for board in templates:
+        drift = Misregistration(dx, dy, 0.0)
+        registered, found = registration.register_template(board, drift.apply(board, SETTINGS.fill), SETTINGS)
+        expected = drift.expected_registration(board.shape[1], board.shape[0])
+        assert abs(found[0] - expected[0]) <= 1 and abs(found[1] - expected[1]) <= 1, (found, expected)
+        assert abs(found[2]) < 0.25 and found[3] > 0.9
+        assert registered.shape == board.shape and registered.dtype == np.uint8
+
+
+def test_shift_and_rotation_are_recovered(templates):
+    rng = np.random.default_rng(3)
+    for board in templates:
+        drift = Misregistration.random(rng, 30, 1)
+        registered, found = registration.register_template(board, drift.apply(board, SETTINGS.fill), SETTINGS)
+        expected = drift.expected_registration(board.shape[1], board.shape[0])
+        # Over the whole board (corners included) the registered template lies within 2 px of the board.
+        true_map = registration.rotation_about_centre(board.shape[1], board.shape[0], *expected)
+        found_map = registration.rotation_about_centre(board.shape[1], board.shape[0], *found[:3])
+        corners = np.array([[0, 0, 1], [639, 0, 1], [0, 639, 1], [639, 639, 1]], float).T
+        assert np.abs(true_map @ corners - found_map @ corners).max() < 2, (found, expected)
+        inside = (slice(40, -40), slice(40, -40))  # the drift leaves the border without template pixels
+        assert np.abs(registered[inside].astype(int) - board[inside]).mean() < 6
+
+
+def test_a_template_of_another_board_is_refused_with_its_score(templates):
+    with pytest.raises(TemplateRejected, match="template does not match the image") as refused:
+        registration.register_template(templates[0], templates[1], SETTINGS)
+    assert refused.value.reason == registration.TEMPLATE_MISMATCH
+
+
+def test_a_blank_template_is_refused(templates):
+    with pytest.raises(TemplateRejected) as refused:
+        registration.register_template(templates[0], np.full_like(templates[0], 255), SETTINGS)
+    assert refused.value.reason == registration.TEMPLATE_MISMATCH
+
+
+def test_a_drift_beyond_the_search_range_is_refused(templates):
+    drift = Misregistration(SETTINGS.max_shift + 40, 0, 0)
+    with pytest.raises(TemplateRejected, match="template does not match the image"):
+        registration.register_template(templates[0], drift.apply(templates[0], SETTINGS.fill), SETTINGS)
+
+
+def test_size_tolerance(templates):
+    board = templates[0]
+    tolerance = SETTINGS.size_tolerance
+    cropped = board[: board.shape[0] - tolerance, :]
+    _, found = registration.register_template(board, cropped, SETTINGS)
+    assert found[3] > 0.9
+    taller = cv2.copyMakeBorder(board, 0, tolerance + 1, 0, 0, cv2.BORDER_REPLICATE)
+    with pytest.raises(TemplateRejected, match=f"more than the {tolerance} px tolerance") as refused:
+        registration.register_template(board, taller, SETTINGS)
+    assert refused.value.reason == registration.BAD_TEMPLATE
