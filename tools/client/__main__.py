@@ -3,6 +3,9 @@
     python -m tools.client IMAGE_OR_DIR [...] [--url localhost:8001 | --start-server] [--json out.json]
         [--annotate-dir DIR] [--score-threshold S] [--iou-threshold T] [--concurrency N] [--recursive]
         [--tile] [--shared-memory]
+
+With TRACEPARENT set (a W3C traceparent, e.g. from a traced parent process), the requests continue that trace
+into a server that traces with OpenTelemetry.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 from tools.arguments import add_scan_arguments, add_server_arguments
 from tools.client.pipeline_client import InferenceFailed, PipelineClient
 from tools.client.results import detections_table, find_images, write_annotated, write_json
+from tools.client.tracing import environment_context
 from tools.contract import read_labels, served_contract
 from tools.serve.triton_server import serving
 
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     contract = served_contract(models_root=args.model_repository)
     labels = read_labels(args.labels) if args.labels else contract.labels
     failures: dict[str, str] = {}
-    with serving(args.url, args.start_server, args.model_repository) as url, \
+    with serving(args.url, args.start_server, args.model_repository) as url, environment_context(), \
             PipelineClient(url, timeout_s=args.timeout, contract=contract) as client:
         try:
             results = client.infer_files(paths, args.score_threshold, args.iou_threshold, args.concurrency,

@@ -7,11 +7,13 @@
         results = client.infer_files(["a.jpg", "b.png"], concurrency=4)
 
 Model and tensor names come from ``tools.contract``. Large scans can go through system shared memory
-(``shared_memory=True``) when the client runs on the server's host.
+(``shared_memory=True``) when the client runs on the server's host. Requests carry the W3C trace context of
+the caller's active OpenTelemetry span (``tools.client.tracing``), so a traced server continues the trace.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import random
 import time
 import uuid
@@ -25,6 +27,7 @@ import tritonclient.grpc as grpcclient
 from tqdm import tqdm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, serialized_byte_size
 
+from tools.client.tracing import trace_headers
 from tools.contract import ServedContract, served_contract
 from tools.detections import Detections
 
@@ -132,6 +135,7 @@ class PipelineClient:
                         outputs=[grpcclient.InferRequestedOutput(name) for name in self.contract.output_names],
                         client_timeout=self.timeout_s,
                         parameters=request_parameters(score_threshold, iou_threshold),
+                        headers=trace_headers(),
                     )
                 return split_detections(result, self.contract)
             except InferenceServerException as error:
@@ -188,7 +192,9 @@ class PipelineClient:
         results: list[Detections | None] = [None] * len(paths)
         failures: dict[str, str] = {}
         with ThreadPoolExecutor(concurrency, "pcb-requests") as pool:
-            futures: dict[Future, int] = {pool.submit(inspect_file, path): index for index, path in enumerate(paths)}
+            # Each request in the caller's context, so it carries the caller's trace (threads do not inherit it).
+            futures: dict[Future, int] = {pool.submit(contextvars.copy_context().run, inspect_file, path): index
+                                          for index, path in enumerate(paths)}
             for future in tqdm(as_completed(futures), total=len(paths), unit="image", disable=not progress,
                                desc="Inference"):
                 index = futures[future]

@@ -4,17 +4,109 @@ Settings come from the config parameters (tile_size, tile_overlap, tiles_per_req
 merge_iou_threshold, max_scan_pixels, pipeline_model); K from the BOXES output dims. The request's own
 parameters (score_threshold, iou_threshold) and its trace go with every tile request, so the pipeline
 validates and applies them, and a trace of the scan includes its tiles. Helpers: tiling.py, scan.py.
+
+Metrics (docs/operations.md), one image per scan: a scan answered counts in pcb_inspected_images_total, its
+merged defects in pcb_defects_total{class} and pcb_defects_per_image; a scan refused in
+pcb_rejected_images_total{reason} (scan.py's reasons, bad_parameter, too_many_defects). The tile requests carry
+the `uncounted_parameter`, so the pipeline's steps do not count the tiles too. A tile request refused for overload
+(UNAVAILABLE) is sent again twice; then the scan fails with UNAVAILABLE, for the client to retry.
 """
 import asyncio
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+# The local server's supervisor names its restart counts in this file (tools/serve/triton_server.py).
+RESTARTS_FILE_VARIABLE = "PCB_MODEL_RESTARTS_FILE"
+BAD_PARAMETER = "bad_parameter"  # a tile request refused with INVALID_ARG: only the request's parameters can be
+TOO_MANY_DEFECTS = "too_many_defects"
+# A tile request the pipeline refuses for overload (its queue timeout) is sent again after 0.2 s, then 0.4 s: a
+# scan already taken should not fail on a moment's queue; under lasting overload the scan fails UNAVAILABLE.
+TILE_ATTEMPTS, TILE_RETRY_S = 3, 0.2
+
+
+# Triton's words for a request its queue refused (max_queue_size) or dropped (queue timeout): overload.
+OVERLOAD_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")
+
 
 class ChildFailed(Exception):
-    """A tile request failed in the pipeline; its message says why."""
+    """A tile request failed in the pipeline; its message says why, ``code`` is its Triton error code."""
+
+    def __init__(self, error):
+        message, code = error.message(), error.code()
+        if code == pb_utils.TritonError.INTERNAL:  # Triton 2.51 gives BLS errors as INTERNAL: tell by the message
+            if any(words in message for words in OVERLOAD_MESSAGES):
+                code = pb_utils.TritonError.UNAVAILABLE
+            elif "parameter '" in message:  # postprocess refusing a threshold (thresholds.py)
+                code = pb_utils.TritonError.INVALID_ARG
+        super().__init__(message)
+        self.code = code
+
+
+class TooManyDefects(ValueError):
+    """More defects in the scan than the K rows this model returns."""
+
+
+def restart_counter(model_name: str):
+    """pcb_model_restarts_total{model}, set to the local supervisor's count for this model; None when no
+    supervisor serves it. Keep what it returns: a metric lives while a model holds it."""
+    path = os.environ.get(RESTARTS_FILE_VARIABLE)
+    if not path:
+        return None
+    try:
+        with open(path) as file:
+            restarts = int(json.load(file).get(model_name, 0))
+    except (OSError, ValueError):
+        restarts = 0
+    family = pb_utils.MetricFamily(name="pcb_model_restarts_total", kind=pb_utils.MetricFamily.COUNTER,
+                                   description="Restarts of a model by the local server's supervisor")
+    metric = family.Metric(labels={"model": model_name})
+    if restarts > metric.value():  # every instance sets the same total
+        metric.increment(restarts - metric.value())
+    return family, metric
+
+
+class InspectionMetrics:
+    """pcb_inspected_images_total, pcb_defects_total{class}, pcb_defects_per_image and
+    pcb_rejected_images_total{reason}, for images answered (``count``) and refused (``reject``)."""
+
+    def __init__(self, class_names, buckets, reasons):
+        counter, histogram = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.HISTOGRAM
+        inspected = pb_utils.MetricFamily(name="pcb_inspected_images_total", kind=counter,
+                                          description="Images answered with their defects")
+        defects = pb_utils.MetricFamily(name="pcb_defects_total", kind=counter,
+                                        description="Defects found, by class")
+        per_image = pb_utils.MetricFamily(name="pcb_defects_per_image", kind=histogram,
+                                          description="Defects found per image answered")
+        rejected = pb_utils.MetricFamily(name="pcb_rejected_images_total", kind=counter,
+                                         description="Images refused with an error, by reason")
+        self.families = (inspected, defects, per_image, rejected)
+        self.inspected = inspected.Metric(labels={})
+        self.defects = [defects.Metric(labels={"class": name}) for name in class_names]
+        self.per_image = per_image.Metric(labels={}, buckets=list(buckets))
+        self.rejected = {reason: rejected.Metric(labels={"reason": reason}) for reason in reasons}
+
+    def count(self, counts, classes) -> None:
+        """Images answered: ``counts`` (n,) defects of each, ``classes`` the class ids of all their defects."""
+        if not len(counts):
+            return
+        self.inspected.increment(len(counts))
+        for count in counts:
+            self.per_image.observe(float(count))
+        for metric, found in zip(self.defects, np.bincount(classes, minlength=len(self.defects))):
+            if found:
+                metric.increment(int(found))
+
+    def reject(self, reason: str, images: int = 1) -> None:
+        self.rejected[reason].increment(images)
+
+
+def read_class_names(path: Path) -> list[str]:
+    """Class names, one per non-empty line, in class-id order (the detector's labels.txt)."""
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 class TritonPythonModel:
@@ -28,11 +120,15 @@ class TritonPythonModel:
         self.requests_in_flight = int(parameters["requests_in_flight"])
         self.merge_iou = float(parameters["merge_iou_threshold"])
         self.max_scan_pixels = int(parameters["max_scan_pixels"])
+        self.uncounted_parameter = parameters["uncounted_parameter"]
         (image_input,) = config["input"]
         self.image_input = image_input["name"]
         # The pipeline's outputs are this model's, less NUM_TILES: count, boxes, scores, classes.
         self.detection_outputs = [o["name"] for o in config["output"] if o["name"] != "NUM_TILES"]
         self.max_detections = int(pb_utils.get_output_config_by_name(config, "BOXES")["dims"][0])
+        # labels_file is relative to the model repository (this model's folder is in it).
+        class_names = read_class_names(Path(args["model_repository"]).parent / parameters["labels_file"])
+        buckets = [float(edge) for edge in parameters["defects_per_image_buckets"].split(",")]
 
         # OpenCV reads its decoder pixel limit once, at its first import: set it from the config before that.
         os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(self.max_scan_pixels)
@@ -41,6 +137,8 @@ class TritonPythonModel:
 
         tiling.check_layout(self.tile_size, self.tile_overlap)
         self.scan, self.tiling = scan, tiling
+        self.metrics = InspectionMetrics(class_names, buckets, [*scan.REJECTION_REASONS, BAD_PARAMETER, TOO_MANY_DEFECTS])
+        self.restarts = restart_counter(args["model_name"])  # alive as long as the model
 
     async def execute(self, requests):
         return [await self._respond(request) for request in requests]
@@ -51,14 +149,23 @@ class TritonPythonModel:
         # postprocess parses like a number.
         parameters = {key: str(value) if isinstance(value, float) else value
                       for key, value in json.loads(request.parameters()).items()}
+        counted = not parameters.get(self.uncounted_parameter)  # a request of the canary's kind is not counted
+        parameters[self.uncounted_parameter] = True
         results = []
         for index, encoded in enumerate(encoded_scans):
+            where = f"{self.image_input}[{index}]"
             try:
                 results.append(await self._inspect(encoded, parameters, request.trace()))
             except self.scan.ScanRejected as exc:
-                return self._error(f"{self.image_input}[{index}]: {exc}", pb_utils.TritonError.INVALID_ARG)
+                return self._refuse(counted, exc.reason, f"{where}: {exc}", pb_utils.TritonError.INVALID_ARG)
+            except TooManyDefects as exc:
+                return self._refuse(counted, TOO_MANY_DEFECTS, f"{where}: {exc}", pb_utils.TritonError.INVALID_ARG)
             except ChildFailed as exc:
-                return self._error(f"{self.image_input}[{index}]: {exc}", pb_utils.TritonError.INVALID_ARG)
+                reason = BAD_PARAMETER if exc.code == pb_utils.TritonError.INVALID_ARG else None
+                return self._refuse(counted, reason, f"{where}: {exc}", exc.code)
+        if counted:
+            counts = np.array([len(scores) for _, scores, _, _ in results])
+            self.metrics.count(counts, np.concatenate([classes for _, _, classes, _ in results]).astype(np.int64))
         return pb_utils.InferenceResponse(output_tensors=self._outputs(results))
 
     async def _inspect(self, encoded: bytes, parameters: dict, trace):
@@ -71,16 +178,21 @@ class TritonPythonModel:
         async def detect(chunk):
             async with slots:  # encode only while a slot is free: the encoded tiles in memory stay bounded
                 encoded_tiles = np.array([[self.scan.encode_tile(image, window)] for window in chunk], dtype=object)
-                child = pb_utils.InferenceRequest(
-                    model_name=self.pipeline_model,
-                    inputs=[pb_utils.Tensor(self.image_input, encoded_tiles)],
-                    requested_output_names=self.detection_outputs,
-                    parameters=parameters,
-                    trace=trace,
-                )
-                response = await child.async_exec()
-            if response.has_error():
-                raise ChildFailed(response.error().message())
+                for attempt in range(TILE_ATTEMPTS):
+                    child = pb_utils.InferenceRequest(
+                        model_name=self.pipeline_model,
+                        inputs=[pb_utils.Tensor(self.image_input, encoded_tiles)],
+                        requested_output_names=self.detection_outputs,
+                        parameters=parameters,
+                        trace=trace,
+                    )
+                    response = await child.async_exec()
+                    if not response.has_error():
+                        break
+                    failure = ChildFailed(response.error())
+                    if failure.code != pb_utils.TritonError.UNAVAILABLE or attempt == TILE_ATTEMPTS - 1:
+                        raise failure
+                    await asyncio.sleep(TILE_RETRY_S * 2**attempt)
             return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in self.detection_outputs]
 
         tile_outputs = await asyncio.gather(*(detect(chunk) for chunk in chunks))
@@ -92,8 +204,8 @@ class TritonPythonModel:
                 classes.append(chunk_classes[row, :count])
         merged = self.tiling.merge_tiles(boxes, scores, classes, windows, height, width, self.merge_iou)
         if len(merged[1]) > self.max_detections:
-            raise ChildFailed(f"{len(merged[1])} defects found, more than the {self.max_detections} this model "
-                              f"returns: raise score_threshold, or K (the BOXES dims) in the config")
+            raise TooManyDefects(f"{len(merged[1])} defects found, more than the {self.max_detections} this model "
+                                 f"returns: raise score_threshold, or K (the BOXES dims) in the config")
         return (*merged, len(windows))
 
     def _outputs(self, results):
@@ -110,6 +222,8 @@ class TritonPythonModel:
         arrays = dict(zip(self.detection_outputs, (count, boxes, scores, classes)), NUM_TILES=tiles)
         return [pb_utils.Tensor(name, array) for name, array in arrays.items()]
 
-    @staticmethod
-    def _error(message, code):
+    def _refuse(self, counted: bool, reason: str | None, message: str, code):
+        """The error response; a refusal for the image's sake (``reason``) counts in pcb_rejected_images_total."""
+        if counted and reason:
+            self.metrics.reject(reason)
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

@@ -5,8 +5,16 @@ padded detection count) from the BOXES output dims. Requests may override the tw
 parameters of the same names. All requests of a dynamic batch go through one batched call, each image with
 its own request's thresholds: box_ops.postprocess_batch_opencv on CPU instances, box_ops.postprocess_batch
 (CuPy) on GPU instances. The array code is box_ops.py beside this file.
+
+Metrics (docs/operations.md): every image answered counts in pcb_inspected_images_total, its defects in
+pcb_defects_total{class} (class names from the `labels_file` parameter) and pcb_defects_per_image (buckets from
+`defects_per_image_buckets`); a request refused for its thresholds in pcb_rejected_images_total{reason}, one per
+image. Not for requests with the `uncounted_parameter` (pcb_scan's tiles: it counts each scan itself). pcb_model_restarts_total{model} when the
+local server's supervisor restarted this model.
 """
 import json
+import os
+from pathlib import Path
 
 import box_ops
 import numpy as np
@@ -14,6 +22,68 @@ import thresholds
 import triton_python_backend_utils as pb_utils
 
 OUTPUT_NAMES = ("NUM_DETECTIONS", "BOXES", "SCORES", "CLASSES")
+BAD_PARAMETER = "bad_parameter"  # pcb_rejected_images_total's reason for a threshold out of range
+# The local server's supervisor names its restart counts in this file (tools/serve/triton_server.py).
+RESTARTS_FILE_VARIABLE = "PCB_MODEL_RESTARTS_FILE"
+
+
+def restart_counter(model_name: str):
+    """pcb_model_restarts_total{model}, set to the local supervisor's count for this model; None when no
+    supervisor serves it. Keep what it returns: a metric lives while a model holds it."""
+    path = os.environ.get(RESTARTS_FILE_VARIABLE)
+    if not path:
+        return None
+    try:
+        with open(path) as file:
+            restarts = int(json.load(file).get(model_name, 0))
+    except (OSError, ValueError):
+        restarts = 0
+    family = pb_utils.MetricFamily(name="pcb_model_restarts_total", kind=pb_utils.MetricFamily.COUNTER,
+                                   description="Restarts of a model by the local server's supervisor")
+    metric = family.Metric(labels={"model": model_name})
+    if restarts > metric.value():  # every instance sets the same total
+        metric.increment(restarts - metric.value())
+    return family, metric
+
+
+class InspectionMetrics:
+    """pcb_inspected_images_total, pcb_defects_total{class}, pcb_defects_per_image and
+    pcb_rejected_images_total{reason}, for images answered (``count``) and refused (``reject``)."""
+
+    def __init__(self, class_names, buckets, reasons):
+        counter, histogram = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.HISTOGRAM
+        inspected = pb_utils.MetricFamily(name="pcb_inspected_images_total", kind=counter,
+                                          description="Images answered with their defects")
+        defects = pb_utils.MetricFamily(name="pcb_defects_total", kind=counter,
+                                        description="Defects found, by class")
+        per_image = pb_utils.MetricFamily(name="pcb_defects_per_image", kind=histogram,
+                                          description="Defects found per image answered")
+        rejected = pb_utils.MetricFamily(name="pcb_rejected_images_total", kind=counter,
+                                         description="Images refused with an error, by reason")
+        self.families = (inspected, defects, per_image, rejected)
+        self.inspected = inspected.Metric(labels={})
+        self.defects = [defects.Metric(labels={"class": name}) for name in class_names]
+        self.per_image = per_image.Metric(labels={}, buckets=list(buckets))
+        self.rejected = {reason: rejected.Metric(labels={"reason": reason}) for reason in reasons}
+
+    def count(self, counts, classes) -> None:
+        """Images answered: ``counts`` (n,) defects of each, ``classes`` the class ids of all their defects."""
+        if not len(counts):
+            return
+        self.inspected.increment(len(counts))
+        for count in counts:
+            self.per_image.observe(float(count))
+        for metric, found in zip(self.defects, np.bincount(classes, minlength=len(self.defects))):
+            if found:
+                metric.increment(int(found))
+
+    def reject(self, reason: str, images: int = 1) -> None:
+        self.rejected[reason].increment(images)
+
+
+def read_class_names(path: Path) -> list[str]:
+    """Class names, one per non-empty line, in class-id order (the detector's labels.txt)."""
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 class TritonPythonModel:
@@ -24,7 +94,13 @@ class TritonPythonModel:
             name: thresholds.parse_threshold(name, parameters[name]) for name in thresholds.THRESHOLD_NAMES
         }
         self.pre_nms_top_k = int(parameters["pre_nms_top_k"])
+        self.uncounted_parameter = parameters["uncounted_parameter"]
         self.max_detections = int(pb_utils.get_output_config_by_name(config, "BOXES")["dims"][0])
+        # labels_file is relative to the model repository (this model's folder is in it).
+        class_names = read_class_names(Path(args["model_repository"]).parent / parameters["labels_file"])
+        buckets = [float(edge) for edge in parameters["defects_per_image_buckets"].split(",")]
+        self.metrics = InspectionMetrics(class_names, buckets, [BAD_PARAMETER])
+        self.restarts = restart_counter(args["model_name"])  # alive as long as the model
 
         self.xp = np
         if args["model_instance_kind"] == "GPU":  # GPU only (CuPy); not run on the CPU-only dev machines
@@ -36,11 +112,15 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = [None] * len(requests)
         accepted = []  # (request index, its thresholds)
+        counted = []  # per request: whether its images count in the metrics (not a pcb_scan tile)
         for index, request in enumerate(requests):
+            request_parameters = json.loads(request.parameters())
+            counted.append(not request_parameters.get(self.uncounted_parameter))
             try:
-                accepted.append((index, thresholds.resolve_thresholds(json.loads(request.parameters()),
-                                                                      self.default_thresholds)))
+                accepted.append((index, thresholds.resolve_thresholds(request_parameters, self.default_thresholds)))
             except ValueError as exc:
+                if counted[index]:
+                    self.metrics.reject(BAD_PARAMETER, int(self._input(request, "LETTERBOX").shape[0]))
                 responses[index] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
                 )
@@ -58,7 +138,19 @@ class TritonPythonModel:
             responses[index] = pb_utils.InferenceResponse(
                 output_tensors=[self._output(name, array[end - size : end]) for name, array in zip(OUTPUT_NAMES, outputs)]
             )
+        self._count(outputs, np.repeat([counted[index] for index, _ in accepted], sizes))
         return responses
+
+    def _count(self, outputs, rows):
+        """The metrics of the images answered in the batch rows where ``rows`` is true."""
+        if not rows.any():
+            return
+        counts = self._host(outputs[0]).reshape(-1)[rows]
+        classes = self._host(outputs[3])[rows]
+        self.metrics.count(counts, classes[np.arange(classes.shape[1]) < counts[:, None]])
+
+    def _host(self, array):
+        return array if self.xp is np else self.xp.asnumpy(array)
 
     def _concatenate(self, arrays):
         """One batch of the requests' tensors; the dynamic batcher only batches requests of equal shapes."""

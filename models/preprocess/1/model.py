@@ -3,6 +3,10 @@
 The input size and channel count come from the `images` output dims; `pad_value` and `max_image_pixels`
 from the config parameters. CPU instances letterbox with OpenCV (image_ops.preprocess_image_opencv), GPU
 instances with the array code on CuPy (image_ops.preprocess_image); both are in image_ops.py beside this file.
+
+Metrics (docs/operations.md): each rejected image counts in pcb_rejected_images_total{reason}, the reason from
+image_ops (not for requests with the `uncounted_parameter`: pcb_scan's tiles, the health canary). pcb_model_restarts_total{model} when
+the local server's supervisor restarted this model (tools/serve/triton_server.py).
 """
 import functools
 import json
@@ -10,6 +14,28 @@ import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+# The local server's supervisor names its restart counts in this file (tools/serve/triton_server.py).
+RESTARTS_FILE_VARIABLE = "PCB_MODEL_RESTARTS_FILE"
+
+
+def restart_counter(model_name: str):
+    """pcb_model_restarts_total{model}, set to the local supervisor's count for this model; None when no
+    supervisor serves it. Keep what it returns: a metric lives while a model holds it."""
+    path = os.environ.get(RESTARTS_FILE_VARIABLE)
+    if not path:
+        return None
+    try:
+        with open(path) as file:
+            restarts = int(json.load(file).get(model_name, 0))
+    except (OSError, ValueError):
+        restarts = 0
+    family = pb_utils.MetricFamily(name="pcb_model_restarts_total", kind=pb_utils.MetricFamily.COUNTER,
+                                   description="Restarts of a model by the local server's supervisor")
+    metric = family.Metric(labels={"model": model_name})
+    if restarts > metric.value():  # every instance sets the same total
+        metric.increment(restarts - metric.value())
+    return family, metric
 
 
 class TritonPythonModel:
@@ -20,6 +46,7 @@ class TritonPythonModel:
         if not (self.pad_value.is_integer() and 0 <= self.pad_value <= 255):
             raise ValueError(f"pad_value must be a whole grey level from 0 to 255, got {parameters['pad_value']!r}")
         self.max_image_pixels = int(parameters["max_image_pixels"])
+        self.uncounted_parameter = parameters["uncounted_parameter"]
         channels, height, width = pb_utils.get_output_config_by_name(config, "images")["dims"]
         self.channels, self.input_height, self.input_width = int(channels), int(height), int(width)
 
@@ -37,6 +64,11 @@ class TritonPythonModel:
             self.xp = cupy
             self.preprocess_image = functools.partial(image_ops.preprocess_image, xp=cupy)
 
+        rejected = pb_utils.MetricFamily(name="pcb_rejected_images_total", kind=pb_utils.MetricFamily.COUNTER,
+                                         description="Images refused with an error, by reason")
+        self.rejections = {reason: rejected.Metric(labels={"reason": reason}) for reason in image_ops.REJECTION_REASONS}
+        self.metric_families = [rejected, restart_counter(args["model_name"])]  # alive as long as the model
+
     def execute(self, requests):
         return [self._respond(request) for request in requests]
 
@@ -50,6 +82,8 @@ class TritonPythonModel:
                     self.max_image_pixels,
                 )
             except self.image_ops.ImageRejected as exc:
+                if not json.loads(request.parameters()).get(self.uncounted_parameter):
+                    self.rejections[exc.reason].increment(1)
                 return pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(f"IMAGE[{index}]: {exc}", pb_utils.TritonError.INVALID_ARG)
                 )
