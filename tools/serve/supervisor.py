@@ -15,8 +15,8 @@ A restart kills the model's unhealthy stubs (all of them for a stall), unloads t
 dependents and loads it again; Triton reloads the ensemble over it. That takes 1.5 to 3 s on the 2-core CPU
 machine. The server runs with explicit model control for this, and its model-repository API is restricted to
 a key that only this process holds (HTTP on localhost only; ``TritonServer``). Each model's restarts are
-written to ``restarts_file``, which the server's Python models read when they load
-(pcb_model_restarts_total{model}, docs/operations.md).
+written to ``restarts_file``, which the CPU detector publishes as pcb_model_restarts_total{model}
+(models/pcb_defect_detector/1/restart_counts.py, docs/operations.md).
 """
 from __future__ import annotations
 
@@ -113,10 +113,12 @@ class Supervisor(threading.Thread):
         self.poll_s, self.canary_s, self.canary_deadline_s = poll_s, canary_s, canary_deadline_s
         self.log = log or (lambda line: print(f"[supervisor] {line}", file=sys.stderr, flush=True))
         self.restarts: list[Restart] = []
-        self._counts: dict[str, int] = {}
         self._stalled: set[str] = set()  # steps the last canary found executing nothing
         self._stopping = threading.Event()
         self._stubs = server_stubs(server_pid)
+        # Every supervised model has its series from the start, at 0 until it is restarted.
+        self._counts = {stub.model: 0 for stub in self._stubs}
+        self._write_counts()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping.set()

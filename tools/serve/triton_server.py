@@ -44,7 +44,7 @@ OTLP_TRACES_ENDPOINT = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"  # the OpenTelemetry
 OTEL_SERVICE_NAME = "OTEL_SERVICE_NAME"
 DEFAULT_SERVICE_NAME = "pcb-inspect"
 TRACE_LOG_FREQUENCY = 100  # --trace-file: traces kept in memory before they are written out
-# The Python models read their restart counts from the file this variable names (models/*/1/model.py).
+# The CPU detector publishes the restart counts from the file this variable names (pcb_defect_detector/1/restart_counts.py).
 RESTARTS_FILE_VARIABLE = "PCB_MODEL_RESTARTS_FILE"
 
 

@@ -16,18 +16,15 @@ import json
 import os
 from pathlib import Path
 
+import inspection_metrics
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-# The local server's supervisor names its restart counts in this file (tools/serve/triton_server.py).
-RESTARTS_FILE_VARIABLE = "PCB_MODEL_RESTARTS_FILE"
 BAD_PARAMETER = "bad_parameter"  # a tile request refused with INVALID_ARG: only the request's parameters can be
 TOO_MANY_DEFECTS = "too_many_defects"
 # A tile request the pipeline refuses for overload (its queue timeout) is sent again after 0.2 s, then 0.4 s: a
 # scan already taken should not fail on a moment's queue; under lasting overload the scan fails UNAVAILABLE.
 TILE_ATTEMPTS, TILE_RETRY_S = 3, 0.2
-
-
 # Triton's words for a request its queue refused (max_queue_size) or dropped (queue timeout): overload.
 OVERLOAD_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")
 
@@ -50,65 +47,6 @@ class TooManyDefects(ValueError):
     """More defects in the scan than the K rows this model returns."""
 
 
-def restart_counter(model_name: str):
-    """pcb_model_restarts_total{model}, set to the local supervisor's count for this model; None when no
-    supervisor serves it. Keep what it returns: a metric lives while a model holds it."""
-    path = os.environ.get(RESTARTS_FILE_VARIABLE)
-    if not path:
-        return None
-    try:
-        with open(path) as file:
-            restarts = int(json.load(file).get(model_name, 0))
-    except (OSError, ValueError):
-        restarts = 0
-    family = pb_utils.MetricFamily(name="pcb_model_restarts_total", kind=pb_utils.MetricFamily.COUNTER,
-                                   description="Restarts of a model by the local server's supervisor")
-    metric = family.Metric(labels={"model": model_name})
-    if restarts > metric.value():  # every instance sets the same total
-        metric.increment(restarts - metric.value())
-    return family, metric
-
-
-class InspectionMetrics:
-    """pcb_inspected_images_total, pcb_defects_total{class}, pcb_defects_per_image and
-    pcb_rejected_images_total{reason}, for images answered (``count``) and refused (``reject``)."""
-
-    def __init__(self, class_names, buckets, reasons):
-        counter, histogram = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.HISTOGRAM
-        inspected = pb_utils.MetricFamily(name="pcb_inspected_images_total", kind=counter,
-                                          description="Images answered with their defects")
-        defects = pb_utils.MetricFamily(name="pcb_defects_total", kind=counter,
-                                        description="Defects found, by class")
-        per_image = pb_utils.MetricFamily(name="pcb_defects_per_image", kind=histogram,
-                                          description="Defects found per image answered")
-        rejected = pb_utils.MetricFamily(name="pcb_rejected_images_total", kind=counter,
-                                         description="Images refused with an error, by reason")
-        self.families = (inspected, defects, per_image, rejected)
-        self.inspected = inspected.Metric(labels={})
-        self.defects = [defects.Metric(labels={"class": name}) for name in class_names]
-        self.per_image = per_image.Metric(labels={}, buckets=list(buckets))
-        self.rejected = {reason: rejected.Metric(labels={"reason": reason}) for reason in reasons}
-
-    def count(self, counts, classes) -> None:
-        """Images answered: ``counts`` (n,) defects of each, ``classes`` the class ids of all their defects."""
-        if not len(counts):
-            return
-        self.inspected.increment(len(counts))
-        for count in counts:
-            self.per_image.observe(float(count))
-        for metric, found in zip(self.defects, np.bincount(classes, minlength=len(self.defects))):
-            if found:
-                metric.increment(int(found))
-
-    def reject(self, reason: str, images: int = 1) -> None:
-        self.rejected[reason].increment(images)
-
-
-def read_class_names(path: Path) -> list[str]:
-    """Class names, one per non-empty line, in class-id order (the detector's labels.txt)."""
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -126,9 +64,6 @@ class TritonPythonModel:
         # The pipeline's outputs are this model's, less NUM_TILES: count, boxes, scores, classes.
         self.detection_outputs = [o["name"] for o in config["output"] if o["name"] != "NUM_TILES"]
         self.max_detections = int(pb_utils.get_output_config_by_name(config, "BOXES")["dims"][0])
-        # labels_file is relative to the model repository (this model's folder is in it).
-        class_names = read_class_names(Path(args["model_repository"]).parent / parameters["labels_file"])
-        buckets = [float(edge) for edge in parameters["defects_per_image_buckets"].split(",")]
 
         # OpenCV reads its decoder pixel limit once, at its first import: set it from the config before that.
         os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(self.max_scan_pixels)
@@ -137,8 +72,10 @@ class TritonPythonModel:
 
         tiling.check_layout(self.tile_size, self.tile_overlap)
         self.scan, self.tiling = scan, tiling
-        self.metrics = InspectionMetrics(class_names, buckets, [*scan.REJECTION_REASONS, BAD_PARAMETER, TOO_MANY_DEFECTS])
-        self.restarts = restart_counter(args["model_name"])  # alive as long as the model
+        # labels_file is relative to the model repository (this model's folder is in it).
+        self.metrics = inspection_metrics.InspectionMetrics(
+            Path(args["model_repository"]).parent / parameters["labels_file"],
+            parameters["defects_per_image_buckets"], [*scan.REJECTION_REASONS, BAD_PARAMETER, TOO_MANY_DEFECTS])
 
     async def execute(self, requests):
         return [await self._respond(request) for request in requests]

@@ -9,81 +9,20 @@ its own request's thresholds: box_ops.postprocess_batch_opencv on CPU instances,
 Metrics (docs/operations.md): every image answered counts in pcb_inspected_images_total, its defects in
 pcb_defects_total{class} (class names from the `labels_file` parameter) and pcb_defects_per_image (buckets from
 `defects_per_image_buckets`); a request refused for its thresholds in pcb_rejected_images_total{reason}, one per
-image. Not for requests with the `uncounted_parameter` (pcb_scan's tiles: it counts each scan itself). pcb_model_restarts_total{model} when the
-local server's supervisor restarted this model.
+image (inspection_metrics.py). Not for requests with the `uncounted_parameter` (pcb_scan's tiles: it counts
+each scan itself; the health canary).
 """
 import json
-import os
 from pathlib import Path
 
 import box_ops
+import inspection_metrics
 import numpy as np
 import thresholds
 import triton_python_backend_utils as pb_utils
 
 OUTPUT_NAMES = ("NUM_DETECTIONS", "BOXES", "SCORES", "CLASSES")
 BAD_PARAMETER = "bad_parameter"  # pcb_rejected_images_total's reason for a threshold out of range
-# The local server's supervisor names its restart counts in this file (tools/serve/triton_server.py).
-RESTARTS_FILE_VARIABLE = "PCB_MODEL_RESTARTS_FILE"
-
-
-def restart_counter(model_name: str):
-    """pcb_model_restarts_total{model}, set to the local supervisor's count for this model; None when no
-    supervisor serves it. Keep what it returns: a metric lives while a model holds it."""
-    path = os.environ.get(RESTARTS_FILE_VARIABLE)
-    if not path:
-        return None
-    try:
-        with open(path) as file:
-            restarts = int(json.load(file).get(model_name, 0))
-    except (OSError, ValueError):
-        restarts = 0
-    family = pb_utils.MetricFamily(name="pcb_model_restarts_total", kind=pb_utils.MetricFamily.COUNTER,
-                                   description="Restarts of a model by the local server's supervisor")
-    metric = family.Metric(labels={"model": model_name})
-    if restarts > metric.value():  # every instance sets the same total
-        metric.increment(restarts - metric.value())
-    return family, metric
-
-
-class InspectionMetrics:
-    """pcb_inspected_images_total, pcb_defects_total{class}, pcb_defects_per_image and
-    pcb_rejected_images_total{reason}, for images answered (``count``) and refused (``reject``)."""
-
-    def __init__(self, class_names, buckets, reasons):
-        counter, histogram = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.HISTOGRAM
-        inspected = pb_utils.MetricFamily(name="pcb_inspected_images_total", kind=counter,
-                                          description="Images answered with their defects")
-        defects = pb_utils.MetricFamily(name="pcb_defects_total", kind=counter,
-                                        description="Defects found, by class")
-        per_image = pb_utils.MetricFamily(name="pcb_defects_per_image", kind=histogram,
-                                          description="Defects found per image answered")
-        rejected = pb_utils.MetricFamily(name="pcb_rejected_images_total", kind=counter,
-                                         description="Images refused with an error, by reason")
-        self.families = (inspected, defects, per_image, rejected)
-        self.inspected = inspected.Metric(labels={})
-        self.defects = [defects.Metric(labels={"class": name}) for name in class_names]
-        self.per_image = per_image.Metric(labels={}, buckets=list(buckets))
-        self.rejected = {reason: rejected.Metric(labels={"reason": reason}) for reason in reasons}
-
-    def count(self, counts, classes) -> None:
-        """Images answered: ``counts`` (n,) defects of each, ``classes`` the class ids of all their defects."""
-        if not len(counts):
-            return
-        self.inspected.increment(len(counts))
-        for count in counts:
-            self.per_image.observe(float(count))
-        for metric, found in zip(self.defects, np.bincount(classes, minlength=len(self.defects))):
-            if found:
-                metric.increment(int(found))
-
-    def reject(self, reason: str, images: int = 1) -> None:
-        self.rejected[reason].increment(images)
-
-
-def read_class_names(path: Path) -> list[str]:
-    """Class names, one per non-empty line, in class-id order (the detector's labels.txt)."""
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 class TritonPythonModel:
@@ -97,10 +36,9 @@ class TritonPythonModel:
         self.uncounted_parameter = parameters["uncounted_parameter"]
         self.max_detections = int(pb_utils.get_output_config_by_name(config, "BOXES")["dims"][0])
         # labels_file is relative to the model repository (this model's folder is in it).
-        class_names = read_class_names(Path(args["model_repository"]).parent / parameters["labels_file"])
-        buckets = [float(edge) for edge in parameters["defects_per_image_buckets"].split(",")]
-        self.metrics = InspectionMetrics(class_names, buckets, [BAD_PARAMETER])
-        self.restarts = restart_counter(args["model_name"])  # alive as long as the model
+        self.metrics = inspection_metrics.InspectionMetrics(
+            Path(args["model_repository"]).parent / parameters["labels_file"],
+            parameters["defects_per_image_buckets"], [BAD_PARAMETER])
 
         self.xp = np
         if args["model_instance_kind"] == "GPU":  # GPU only (CuPy); not run on the CPU-only dev machines

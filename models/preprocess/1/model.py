@@ -5,8 +5,7 @@ from the config parameters. CPU instances letterbox with OpenCV (image_ops.prepr
 instances with the array code on CuPy (image_ops.preprocess_image); both are in image_ops.py beside this file.
 
 Metrics (docs/operations.md): each rejected image counts in pcb_rejected_images_total{reason}, the reason from
-image_ops (not for requests with the `uncounted_parameter`: pcb_scan's tiles, the health canary). pcb_model_restarts_total{model} when
-the local server's supervisor restarted this model (tools/serve/triton_server.py).
+image_ops (not for requests with the `uncounted_parameter`: pcb_scan's tiles, the health canary).
 """
 import functools
 import json
@@ -14,28 +13,6 @@ import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-
-# The local server's supervisor names its restart counts in this file (tools/serve/triton_server.py).
-RESTARTS_FILE_VARIABLE = "PCB_MODEL_RESTARTS_FILE"
-
-
-def restart_counter(model_name: str):
-    """pcb_model_restarts_total{model}, set to the local supervisor's count for this model; None when no
-    supervisor serves it. Keep what it returns: a metric lives while a model holds it."""
-    path = os.environ.get(RESTARTS_FILE_VARIABLE)
-    if not path:
-        return None
-    try:
-        with open(path) as file:
-            restarts = int(json.load(file).get(model_name, 0))
-    except (OSError, ValueError):
-        restarts = 0
-    family = pb_utils.MetricFamily(name="pcb_model_restarts_total", kind=pb_utils.MetricFamily.COUNTER,
-                                   description="Restarts of a model by the local server's supervisor")
-    metric = family.Metric(labels={"model": model_name})
-    if restarts > metric.value():  # every instance sets the same total
-        metric.increment(restarts - metric.value())
-    return family, metric
 
 
 class TritonPythonModel:
@@ -67,7 +44,7 @@ class TritonPythonModel:
         rejected = pb_utils.MetricFamily(name="pcb_rejected_images_total", kind=pb_utils.MetricFamily.COUNTER,
                                          description="Images refused with an error, by reason")
         self.rejections = {reason: rejected.Metric(labels={"reason": reason}) for reason in image_ops.REJECTION_REASONS}
-        self.metric_families = [rejected, restart_counter(args["model_name"])]  # alive as long as the model
+        self.rejected_family = rejected  # a metric lives while its family is held
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]
