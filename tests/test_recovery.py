@@ -1,8 +1,9 @@
-"""A server of its own (CPU configs, OpenTelemetry on): the client's trace reaches every step, a killed stub is
-restarted within seconds, and SIGTERM under load loses no accepted request (docs/operations.md).
+"""Servers of their own (CPU configs): the client's trace reaches every step, a killed stub is restarted within
+30 s, and SIGTERM under load loses no accepted request (docs/operations.md).
 
-One server for the module, started with OTEL_EXPORTER_OTLP_TRACES_ENDPOINT pointing at an OTLP/HTTP receiver
-here; the graceful-stop test stops it, so it comes last.
+The trace and killed-stub tests share one server, started with OTEL_EXPORTER_OTLP_TRACES_ENDPOINT pointing at an
+OTLP/HTTP receiver here; the graceful-stop test runs ``python -m tools.serve`` (what ``make serve`` runs) and
+sends it SIGTERM.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -23,10 +26,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from tritonclient.utils import InferenceServerException
 
 from tools.client import PipelineClient
-from tools.contract import served_contract
+from tools.contract import REPO_ROOT, served_contract
 from tools.serve import healthcheck
 from tools.serve.supervisor import server_stubs
-from tools.serve.triton_server import OTLP_TRACES_ENDPOINT, TritonServer
+from tools.serve.triton_server import OTLP_TRACES_ENDPOINT, TritonServer, free_ports
 
 CONTRACT = served_contract("cpu")
 STEPS = (CONTRACT.preprocess_model, CONTRACT.detector_model, CONTRACT.postprocess_model)
@@ -198,15 +201,38 @@ def test_a_killed_stub_is_restarted_and_the_rest_is_unaffected(own_server):
     assert healthcheck.canary(own_server.grpc_url, 10, CONTRACT).verdict == "ok"
 
 
-@pytest.mark.live  # its own server, which it stops
-def test_sigterm_under_load_loses_no_accepted_request(own_server):
-    """4 clients keep sending while the server stops: every request sent before the stop is answered; one sent
-    after is answered or refused (the pipeline unloaded: NOT_FOUND; the server going: no connection, or the
-    stream closed unanswered), never taken and then failed ("Server is stopping", a stub error)."""
+def serve_command_ready(process: subprocess.Popen, http_port: int) -> None:
+    """Wait until ``python -m tools.serve`` has the pipeline ready (it exits or 300 s: fail)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read().decode(errors="replace")[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{CONTRACT.pipeline_model}/ready",
+                                        timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("python -m tools.serve not ready in time")
+
+
+@pytest.mark.live  # starts its own server (python -m tools.serve, what make serve runs)
+def test_sigterm_under_load_loses_no_accepted_request():
+    """4 clients keep sending while ``python -m tools.serve`` gets SIGTERM: every request sent before the signal
+    is answered; one sent after is answered or refused (the pipeline unloaded: NOT_FOUND; the server going: no
+    connection, or the stream closed unanswered), never taken and then failed ("Server is stopping", a stub
+    error). With ``--no-supervisor`` (no drain before Triton's own SIGTERM handling) this fails: requests in
+    flight get "Server is stopping"."""
+    http_port, grpc_port, metrics_port = free_ports(3)
+    environment = dict(os.environ, HTTP_PORT=str(http_port), GRPC_PORT=str(grpc_port), METRICS_PORT=str(metrics_port))
+    environment.pop(OTLP_TRACES_ENDPOINT, None)
+    serve = subprocess.Popen([sys.executable, "-m", "tools.serve"], cwd=REPO_ROOT, env=environment,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     outcomes, lock, stop = [], threading.Lock(), threading.Event()
 
     def client_loop():
-        with PipelineClient(own_server.grpc_url, contract=CONTRACT, max_attempts=1, timeout_s=30) as client:
+        with PipelineClient(f"localhost:{grpc_port}", contract=CONTRACT, max_attempts=1, timeout_s=30) as client:
             while not stop.is_set():
                 sent = time.monotonic()
                 try:
@@ -220,15 +246,23 @@ def test_sigterm_under_load_loses_no_accepted_request(own_server):
                     time.sleep(0.05)
 
     threads = [threading.Thread(target=client_loop) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    time.sleep(2)
-    stopping = time.monotonic()
-    own_server.stop()
-    time.sleep(0.5)
-    stop.set()
-    for thread in threads:
-        thread.join(60)
+    try:
+        serve_command_ready(serve, http_port)
+        for thread in threads:
+            thread.start()
+        time.sleep(2)
+        stopping = time.monotonic()
+        serve.send_signal(signal.SIGTERM)
+        output, _ = serve.communicate(timeout=60)
+    finally:
+        stop.set()
+        for thread in threads:
+            if thread.ident is not None:  # started
+                thread.join(60)
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+    assert serve.returncode == 0 and b"Stopping tritonserver" in output, output.decode(errors="replace")[-3000:]
     before = [status for sent, status, _ in outcomes if sent < stopping]
     assert before and set(before) == {"ok"}, [o for o in outcomes if o[0] < stopping and o[1] != "ok"]
     refused = ("unknown model", "failed to connect", "stream removed", "socket closed")
