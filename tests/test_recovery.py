@@ -177,9 +177,10 @@ def test_a_killed_stub_is_restarted_and_the_rest_is_unaffected(own_server):
     scan_stubs = {(s.instance, s.pid) for s in server_stubs(own_server.pid) if s.model == CONTRACT.scan_model}
     recovery = {}
     with PipelineClient(own_server.grpc_url, contract=CONTRACT, max_attempts=1, timeout_s=10) as client:
-        for step in STEPS:
+        # Each step's stub killed, then one stopped (SIGSTOP: alive, answering nothing, as a hung stub).
+        for step, sig in [(step, signal.SIGKILL) for step in STEPS] + [(STEPS[2], signal.SIGSTOP)]:
             (stub,) = [s for s in server_stubs(own_server.pid) if s.model == step]
-            os.kill(stub.pid, signal.SIGKILL)
+            os.kill(stub.pid, sig)
             killed, errors = time.monotonic(), []
             while True:
                 assert time.monotonic() - killed < RECOVERY_LIMIT_S, f"{step} not serving again: {errors[-3:]}"
@@ -190,14 +191,14 @@ def test_a_killed_stub_is_restarted_and_the_rest_is_unaffected(own_server):
                     errors.append(error.message() or str(error))
                 assert metrics_answer(own_server)
                 time.sleep(0.2)
-            recovery[step] = time.monotonic() - killed
+            recovery[f"{step} ({sig.name})"] = time.monotonic() - killed
             unclear = [e for e in errors if not any(words in e.lower() for words in RESTART_ERRORS)]
             assert not unclear, unclear
     print(f"serving again after a killed stub: {', '.join(f'{m} {s:.1f} s' for m, s in recovery.items())}")
     assert {(s.instance, s.pid) for s in server_stubs(own_server.pid) if s.model == CONTRACT.scan_model} == scan_stubs
     counted = restarts(own_server)
-    assert all(counted[step] == 1 for step in STEPS) and counted[CONTRACT.scan_model] == 0, counted
-    assert [r.model for r in own_server.supervisor.restarts] == list(STEPS)
+    assert counted == {**{step: 1 for step in STEPS}, STEPS[2]: 2, CONTRACT.scan_model: 0}, counted
+    assert [r.model for r in own_server.supervisor.restarts] == [*STEPS, STEPS[2]]
     assert healthcheck.canary(own_server.grpc_url, 10, CONTRACT).verdict == "ok"
 
 
