@@ -12,6 +12,7 @@ import http.server
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from tritonclient.utils import InferenceServerException
 
 from tools.client import PipelineClient
-from tools.contract import REPO_ROOT, served_contract
+from tools.contract import MODELS_ROOT, REPO_ROOT, served_contract
 from tools.serve import healthcheck
 from tools.serve.supervisor import server_stubs
 from tools.serve.triton_server import OTLP_TRACES_ENDPOINT, TritonServer, free_ports
@@ -271,3 +272,55 @@ def test_sigterm_under_load_loses_no_accepted_request():
             and not (status in ("StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE")
                      and any(words in message.lower() for words in refused))]
     assert not lost, lost
+
+
+HANG_ONCE = '''
+
+# Added by tests/test_recovery.py: the first execution after {marker} appears hangs for good (the marker is
+# consumed, so the model reloaded by the supervisor answers again).
+def _hang_once(execute):
+    def hanging(self, requests):
+        import os
+        import time
+        if os.path.exists({marker!r}):
+            os.remove({marker!r})
+            while True:
+                time.sleep(1)
+        return execute(self, requests)
+    return hanging
+
+
+TritonPythonModel.execute = _hang_once(TritonPythonModel.execute)
+'''
+
+
+@pytest.mark.live  # starts its own server
+def test_a_stub_hung_inside_execute_is_restarted_within_30_s(tmp_path):
+    """A stub that is alive but never returns from ``execute`` (the process looks healthy): the supervisor's
+    canary sees that postprocess executes nothing, twice in a row, and restarts it."""
+    repository = tmp_path / "models"
+    shutil.copytree(MODELS_ROOT, repository, ignore=shutil.ignore_patterns("__pycache__", "*.fp16.onnx"))
+    marker = tmp_path / "hang"
+    step = CONTRACT.postprocess_model
+    model_file = repository / step / "1" / "model.py"
+    model_file.write_text(model_file.read_text() + HANG_ONCE.format(marker=str(marker)))
+    with TritonServer.on_free_ports(model_repository=repository, model_config_name="cpu", stop_timeout_s=12) as server, \
+            PipelineClient(server.grpc_url, contract=CONTRACT, max_attempts=1, timeout_s=3) as client:
+        client.infer([board()])
+        (stub,) = [s for s in server_stubs(server.pid) if s.model == step]
+        marker.touch()
+        hung, errors = time.monotonic(), []
+        while True:
+            assert time.monotonic() - hung < RECOVERY_LIMIT_S, f"{step} not serving again: {errors[-3:]}"
+            try:
+                client.infer([board()])
+                if not marker.exists():  # the hung stub took the marker: this answer is from the new one
+                    break
+            except InferenceServerException as error:
+                errors.append(error.message() or str(error))
+            time.sleep(0.2)
+        print(f"serving again {time.monotonic() - hung:.1f} s after {step}'s stub hung")
+        assert not marker.exists()
+        assert [r.model for r in server.supervisor.restarts] == [step]
+        assert "canary" in server.supervisor.restarts[0].reason
+        assert stub.pid not in {s.pid for s in server_stubs(server.pid)}

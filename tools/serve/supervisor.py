@@ -9,7 +9,8 @@ fails with "Stub process '<instance>' is not healthy", for good. ``Supervisor`` 
 * every ``canary_s`` it sends the canary board through the pipeline (``healthcheck.canary``, when the
   repository has the pipeline): an answer naming a dead stub restarts that model; one that is too slow, or
   refused for overload while a step executes nothing, restarts the steps that stalled (a stub hung inside
-  ``execute`` looks alive from outside) when two canaries in a row found it stalled.
+  ``execute`` looks alive from outside) when two canaries in a row found it stalled (the second is sent at once
+  after the first).
 
 A restart kills the model's unhealthy stubs (all of them for a stall), unloads the model without its
 dependents and loads it again; Triton reloads the ensemble over it. That takes 1.5 to 3 s on the 2-core CPU
@@ -132,7 +133,9 @@ class Supervisor(threading.Thread):
                 self._check_stubs()
                 if self.contract is not None and time.monotonic() >= next_canary:
                     self._check_canary()
-                    next_canary = time.monotonic() + self.canary_s
+                    # A step seen stalled is looked at again at once: a hung stub is restarted within about
+                    # canary_s + 2 canary deadlines (20 s), not 2 canary_s + 2 deadlines.
+                    next_canary = time.monotonic() + (0 if self._stalled else self.canary_s)
             except Exception as error:  # the supervisor must outlive whatever it meets
                 self.log(f"check failed: {type(error).__name__}: {error}")
 
