@@ -152,13 +152,18 @@ def test_tracing_writes_request_timestamps(tmp_path):
         client = grpcclient.InferenceServerClient(server.grpc_url)
         request = grpcclient.InferInput("IN", [1, 2], "FP32")
         request.set_data_from_numpy(np.array([[1.5, -2.0]], np.float32))
-        result = client.infer("echo", [request])
+        for _ in range(TRACE_LOG_FREQUENCY):
+            result = client.infer("echo", [request])
         client.close()
         np.testing.assert_array_equal(result.as_numpy("OUT"), [[1.5, -2.0]])
-    # Written TRACE_LOG_FREQUENCY traces to a file (FILE.0, FILE.1, ...), the rest when the server stops: never
-    # all of them held in memory until then.
-    assert f"triton,log-frequency={TRACE_LOG_FREQUENCY}" in trace_settings(trace_file, [])
-    records = json.loads(trace_file.with_name(trace_file.name + ".0").read_text())
+        # TRACE_LOG_FREQUENCY traces complete: they are written out (FILE.0) while the server runs, not all held
+        # in memory until it stops.
+        first_file = trace_file.with_name(trace_file.name + ".0")
+        deadline = time.monotonic() + 30
+        while not first_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first_file.exists(), "no trace file written while the server runs"
+    records = json.loads(first_file.read_text())
     assert {"id": 1, "model_name": "echo", "model_version": 1} in records
     names = {stamp["name"] for record in records for stamp in record.get("timestamps", [])}
     assert {"REQUEST_START", "COMPUTE_START", "REQUEST_END"} <= names
