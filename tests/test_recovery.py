@@ -26,6 +26,7 @@ from opentelemetry import context, trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from tritonclient.utils import InferenceServerException
 
+from tests.test_triton_server import wait_until_ready
 from tools.client import PipelineClient
 from tools.contract import MODELS_ROOT, REPO_ROOT, served_contract
 from tools.serve import healthcheck
@@ -203,22 +204,6 @@ def test_a_killed_stub_is_restarted_and_the_rest_is_unaffected(own_server):
     assert healthcheck.canary(own_server.grpc_url, 10, CONTRACT).verdict == "ok"
 
 
-def serve_command_ready(process: subprocess.Popen, http_port: int) -> None:
-    """Wait until ``python -m tools.serve`` has the pipeline ready (it exits or 300 s: fail)."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read().decode(errors="replace")[-3000:]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{CONTRACT.pipeline_model}/ready",
-                                        timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("python -m tools.serve not ready in time")
-
-
 @pytest.mark.live  # starts its own server (python -m tools.serve, what make serve runs)
 def test_sigterm_under_load_loses_no_accepted_request():
     """4 clients keep sending while ``python -m tools.serve`` gets SIGTERM: every request sent before the signal
@@ -249,7 +234,7 @@ def test_sigterm_under_load_loses_no_accepted_request():
 
     threads = [threading.Thread(target=client_loop) for _ in range(4)]
     try:
-        serve_command_ready(serve, http_port)
+        wait_until_ready(http_port, serve)
         for thread in threads:
             thread.start()
         time.sleep(2)
