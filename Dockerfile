@@ -35,6 +35,10 @@ RUN python3 -m pip install --no-cache-dir -r /tmp/requirements-serving.txt \
 # The repository baked in here serves as is with --model-config-name=cpu; the GPU config needs
 # pcb_defect_detector/1/model.plan, built for the serving GPU (Kubernetes mounts the built store over /models).
 COPY models/ /models/
+# The canary check of the liveness probe (python3 -m tools.healthcheck, run from this folder): the tools package,
+# of which it imports the contract, the detections and tools/serve/healthcheck.py with its known board.
+WORKDIR /opt/pcb-inspect
+COPY tools/ /opt/pcb-inspect/tools/
 USER 10001
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \

@@ -2,7 +2,7 @@
 # reinstalls only when a requirements file's content changes.
 #
 #   make demo [IMAGES=folder]   start the server, detect defects in sample (or your) boards, write out/demo/
-#   make serve                  serve models/ in the foreground (ports: HTTP_PORT, GRPC_PORT, METRICS_PORT)
+#   make serve [SERVE_ARGS=...] serve models/ in the foreground (ports: HTTP_PORT, GRPC_PORT, METRICS_PORT)
 #   make test [PYTEST_ARGS=...] the whole test suite, live-server tests included (what CI runs)
 #   make unit [PYTEST_ARGS=...] the unit tier: no server, no GPU, not slow (under a minute)
 #   make lint                   ruff lint over models/, tools/ and tests/
@@ -16,6 +16,9 @@ VENV_PYTHON := $(VENV)/bin/python
 IMAGES ?=
 DEMO_OUT ?= out/demo
 PYTEST_ARGS ?=
+# Extra flags of python -m tools.serve, e.g. --http-address 0.0.0.0 or --trace-config rate=100. Latency summaries,
+# the stub supervisor and (with OTEL_EXPORTER_OTLP_TRACES_ENDPOINT set) OpenTelemetry tracing are on by default.
+SERVE_ARGS ?=
 
 PY_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 # libpython for the Triton Python-backend stub, libb64 for perf_analyzer (tritonclient[all]).
@@ -36,7 +39,7 @@ demo: $(SERVE_STAMP) system-deps
 	$(VENV_PYTHON) -m tools.demo --out "$(DEMO_OUT)" $(if $(IMAGES),--images "$(IMAGES)")
 
 serve: $(SERVE_STAMP) system-deps
-	$(VENV_PYTHON) -m tools.serve
+	$(VENV_PYTHON) -m tools.serve $(SERVE_ARGS)
 
 # The venv's bin goes first on PATH, as if activated: some tests run its command-line tools (hadolint).
 test: $(TEST_STAMP) system-deps

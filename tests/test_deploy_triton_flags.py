@@ -41,8 +41,9 @@ def triton_server(tmp_path_factory):
              if not flag.startswith(OWN)]
     assert any(flag.startswith("--cuda-memory-pool-byte-size=") for flag in flags)
     empty = tmp_path_factory.mktemp("empty-model-repository")
+    # Without the local supervisor: its model control and key would add to the Deployment's own restrictions.
     with DeploymentFlags.on_free_ports(flags=flags, model_repository=empty, model_config_name=None, ready_models=(),
-                                       ready_timeout_s=60) as started:
+                                       ready_timeout_s=60, supervise=False, http_address="0.0.0.0") as started:
         yield started
 
 

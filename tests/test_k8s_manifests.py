@@ -213,19 +213,34 @@ def test_triton_apis_that_change_or_reveal_the_server_need_the_admin_key_from_a_
 
 # ---- health, shutdown, rollout, availability ------------------------------------------------------------
 
-def test_probes_use_readiness_and_liveness_restarts_an_unready_triton(rendered):
-    text = (K8S / "server" / "deployment.yaml").read_text()
-    assert "tools.healthcheck" in text  # the canary check that replaces readiness-as-liveness, when it lands
+def test_probes_are_readiness_and_the_canary_check_for_liveness(rendered):
     for variant in ("gpu", "cpu"):
         container = triton(server(rendered[variant]))
         assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8000, "grpc": 8001,
                                                                                 "metrics": 8002}
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for probe in ("startupProbe", "readinessProbe"):
             assert container[probe]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}, probe
         liveness, readiness = container["livenessProbe"], container["readinessProbe"]
+        # Liveness is the canary (a known board through the pipeline): readiness stays 200 with a dead stub.
+        shell, flag, script = liveness["exec"]["command"]
+        assert (shell, flag) == ("/bin/sh", "-c")
+        words = shlex.split(script)
+        assert words[:4] == ["exec", "python3", "-m", "tools.healthcheck"]
+        options = dict(zip(words[4::2], words[5::2]))
+        assert options["--url"] == "localhost:8001" and options["--metrics-url"] == "http://localhost:8002/metrics"
+        assert options["--model-repository"] == "/models/releases/${PCB_MODEL_RELEASE}/models"
+        assert int(options["--deadline-ms"]) < 1000 * liveness["timeoutSeconds"]
         # Liveness gives up much later than readiness: a pod is taken out of the Service first.
         assert liveness["failureThreshold"] * liveness["periodSeconds"] >= 60
         assert liveness["failureThreshold"] * liveness["periodSeconds"] > 4 * readiness["failureThreshold"] * readiness["periodSeconds"]
+
+
+def test_the_serving_image_carries_the_canary_check():
+    dockerfile = (K8S.parent.parent / "Dockerfile").read_text()
+    serving = dockerfile[dockerfile.index("AS serving"):]
+    assert "WORKDIR /opt/pcb-inspect" in serving and "COPY tools/ /opt/pcb-inspect/tools/" in serving
+    pins = (K8S.parent.parent / "docker" / "requirements-serving.txt").read_text()
+    assert "tritonclient[grpc]==" in pins  # tools.contract and the canary's gRPC client
 
 
 def test_grace_period_covers_the_prestop_drain_and_tritons_exit_timeout(rendered):

@@ -14,9 +14,10 @@ TOOLS = REPO_ROOT / "tools"
 LAYERS = {
     "contract": 0, "detections": 0, "pipeline_math": 0,
     "data": 1, "serve": 1,
-    "client": 2, "train": 2,
+    "client": 2, "train": 2, "healthcheck": 2,
     "engine": 3, "eval": 3,
     "arguments": 4,  # command-line glue: only commands (a __main__.py, a module with main()) import it
+    "soak": 4,
     "demo": 5,
 }
 CORE = 0  # the core modules may import each other

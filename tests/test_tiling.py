@@ -269,7 +269,8 @@ def test_tile_requests_carry_the_scan_requests_trace(tmp_path, mosaic_scan):
     with TritonServer.on_free_ports(trace_config=trace_settings(trace_file, [])) as server:
         outputs = scan_request(server, [scan.tobytes()])
     assert outputs["NUM_TILES"][0, 0] == 2
-    records = json.loads(trace_file.read_text())  # written when the server stops
+    # Written TRACE_LOG_FREQUENCY traces to a file, trace.json.0, trace.json.1, ..., the rest when the server stops.
+    records = [r for part in sorted(tmp_path.glob("trace.json.*")) for r in json.loads(part.read_text())]
     (scan_trace,) = [r["id"] for r in records if r.get("model_name") == CONTRACT.scan_model]
     children = [r for r in records if r.get("model_name") == CONTRACT.pipeline_model]
     assert children and all(r.get("parent_id") == scan_trace for r in children)

@@ -16,7 +16,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tools.contract import REPO_ROOT
-from tools.serve.triton_server import TritonServer, free_ports, trace_settings
+from tools.serve.triton_server import (
+    OTLP_TRACES_ENDPOINT,
+    TRACE_LOG_FREQUENCY,
+    TritonServer,
+    free_ports,
+    otel_trace_settings,
+    trace_settings,
+)
 
 ECHO_MODEL = '''
 import numpy as np
@@ -145,19 +152,53 @@ def test_tracing_writes_request_timestamps(tmp_path):
         client = grpcclient.InferenceServerClient(server.grpc_url)
         request = grpcclient.InferInput("IN", [1, 2], "FP32")
         request.set_data_from_numpy(np.array([[1.5, -2.0]], np.float32))
-        result = client.infer("echo", [request])
+        for _ in range(TRACE_LOG_FREQUENCY):
+            result = client.infer("echo", [request])
         client.close()
         np.testing.assert_array_equal(result.as_numpy("OUT"), [[1.5, -2.0]])
-    # Without a log frequency Triton writes the traces when it stops.
-    records = json.loads(trace_file.read_text())
+        # TRACE_LOG_FREQUENCY traces complete: they are written out (FILE.0) while the server runs, not all held
+        # in memory until it stops.
+        first_file = trace_file.with_name(trace_file.name + ".0")
+        deadline = time.monotonic() + 30
+        while not first_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first_file.exists(), "no trace file written while the server runs"
+    records = json.loads(first_file.read_text())
     assert {"id": 1, "model_name": "echo", "model_version": 1} in records
     names = {stamp["name"] for record in records for stamp in record.get("timestamps", [])}
     assert {"REQUEST_START", "COMPUTE_START", "REQUEST_END"} <= names
 
 
-def test_tracing_is_off_by_default():
+def test_tracing_is_off_by_default(monkeypatch):
+    monkeypatch.delenv(OTLP_TRACES_ENDPOINT, raising=False)
     server = TritonServer(http_port=1, grpc_port=2, metrics_port=3)
     command = server.command(Path("/backends"), Path("/tritonserver"))
     assert not any(arg.startswith("--trace") for arg in command)
     assert "--model-config-name=cpu" in command and "--allow-metrics=true" in command
     assert trace_settings(None, ["rate=10"]) == ["rate=10"]
+
+
+def test_opentelemetry_tracing_follows_the_standard_variable(monkeypatch):
+    monkeypatch.setenv(OTLP_TRACES_ENDPOINT, "http://collector:4318/v1/traces")
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    command = TritonServer(http_port=1, grpc_port=2, metrics_port=3).command(Path("/b"), Path("/tritonserver"))
+    traced = [arg.removeprefix("--trace-config=") for arg in command if arg.startswith("--trace-config=")]
+    assert traced == ["mode=opentelemetry", "opentelemetry,url=http://collector:4318/v1/traces", "rate=1",
+                      "level=TIMESTAMPS", "opentelemetry,resource=service.name=pcb-inspect"]
+    assert otel_trace_settings({}) == []
+    # Explicit settings (a trace file) win over the variable.
+    assert TritonServer(http_port=1, grpc_port=2, metrics_port=3, trace_config=["rate=5"]).trace_config == ["rate=5"]
+
+
+def test_every_server_has_latency_summaries_and_a_supervised_model_control_on_localhost():
+    server = TritonServer(http_port=1, grpc_port=2, metrics_port=3)
+    command = server.command(Path("/backends"), Path("/tritonserver"))
+    assert "--metrics-config=summary_latencies=true" in command
+    assert any(arg.startswith("--metrics-config=summary_quantiles=") and "0.99:" in arg for arg in command)
+    assert "--http-address=127.0.0.1" in command and "--model-control-mode=explicit" in command
+    restricted = f"model-repository:pcb-admin-key={server.admin_key}"
+    assert f"--http-restricted-api={restricted}" in command and f"--grpc-restricted-protocol={restricted}" in command
+    assert len(server.admin_key) >= 32 and server.admin_key != TritonServer(http_port=1).admin_key
+    unsupervised = TritonServer(http_port=1, grpc_port=2, metrics_port=3, supervise=False)
+    assert not any("model-control" in arg or "restricted" in arg
+                   for arg in unsupervised.command(Path("/backends"), Path("/tritonserver")))

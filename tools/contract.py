@@ -105,6 +105,7 @@ class ServedContract:
     pre_nms_top_k: int
     max_detections: int  # K: rows of BOXES, SCORES and CLASSES
     labels: tuple[str, ...]
+    uncounted_parameter: str  # a request parameter that keeps the request out of the pcb_* metrics (the canary)
 
     @property
     def typical_batch_size(self) -> int:
@@ -183,4 +184,5 @@ def served_contract(config_name: str | None = None, models_root: Path = MODELS_R
         pre_nms_top_k=int(parameter(postprocess, "pre_nms_top_k")),
         max_detections=tensor(postprocess.output, output_names[1]).dims[0],
         labels=read_labels(models_root / detector.name / "1" / LABELS_FILE),
+        uncounted_parameter=parameter(postprocess, "uncounted_parameter"),
     )

@@ -10,6 +10,9 @@ under the image's own file name. An image without a template found is inspected 
 ``template`` column says ``none``). With ``--tile`` the scan model cuts the template into the scan's tiles. The
 JSON records each registration (dx, dy, angle, score; per tile for scans); ``--annotate-dir`` draws an image
 inspected with a template beside its template, registered as the server registered it (as sent, for a scan).
+
+With TRACEPARENT set (a W3C traceparent, e.g. from a traced parent process), the requests continue that trace
+into a server that traces with OpenTelemetry.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from pathlib import Path
 from tools.arguments import add_scan_arguments, add_server_arguments
 from tools.client.pipeline_client import InferenceFailed, PipelineClient
 from tools.client.results import detections_table, find_images, write_annotated, write_json
+from tools.client.tracing import environment_context
 from tools.contract import read_labels, served_contract
 from tools.data.deeppcb import template_path_for
 from tools.serve.triton_server import serving
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     contract = served_contract(models_root=args.model_repository)
     labels = read_labels(args.labels) if args.labels else contract.labels
     failures: dict[str, str] = {}
-    with serving(args.url, args.start_server, args.model_repository) as url, \
+    with serving(args.url, args.start_server, args.model_repository) as url, environment_context(), \
             PipelineClient(url, timeout_s=args.timeout, contract=contract) as client:
         try:
             results = client.infer_files(paths, args.score_threshold, args.iou_threshold, args.concurrency,

@@ -11,11 +11,13 @@
 Model and tensor names come from ``tools.contract``. Large scans can go through system shared memory
 (``shared_memory=True``) when the client runs on the server's host. A request sends a defect-free template
 (``TEMPLATE``) for each of its images or for none; with templates the answer carries ``REGISTRATION``, kept as
-``Detections.registration`` (None without a template).
+``Detections.registration`` (None without a template). Requests carry the W3C trace context of the caller's
+active OpenTelemetry span (``tools.client.tracing``), so a traced server continues the trace.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import random
 import time
 import uuid
@@ -29,6 +31,7 @@ import tritonclient.grpc as grpcclient
 from tqdm import tqdm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, serialized_byte_size
 
+from tools.client.tracing import trace_headers
 from tools.contract import ServedContract, served_contract
 from tools.detections import Detections
 
@@ -180,6 +183,7 @@ class PipelineClient:
                         outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
                         client_timeout=self.timeout_s,
                         parameters=request_parameters(score_threshold, iou_threshold),
+                        headers=trace_headers(),
                     )
                 return split_detections(result, self.contract, templates is not None, scans)
             except InferenceServerException as error:
@@ -251,7 +255,8 @@ class PipelineClient:
         results: list[Detections | None] = [None] * len(paths)
         failures: dict[str, str] = {}
         with ThreadPoolExecutor(concurrency, "pcb-requests") as pool:
-            futures: dict[Future, int] = {pool.submit(inspect_file, path, template): index
+            # Each request in the caller's context, so it carries the caller's trace (threads do not inherit it).
+            futures: dict[Future, int] = {pool.submit(contextvars.copy_context().run, inspect_file, path, template): index
                                           for index, (path, template) in enumerate(zip(paths, templates))}
             for future in tqdm(as_completed(futures), total=len(paths), unit="image", disable=not progress,
                                desc="Inference"):

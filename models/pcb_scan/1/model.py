@@ -5,23 +5,60 @@ merge_iou_threshold, max_scan_pixels, template_size_tolerance, pipeline_model); 
 The request's own parameters (score_threshold, iou_threshold) and its trace go with every tile request, so the
 pipeline validates and applies them, and a trace of the scan includes its tiles. With the optional TEMPLATE
 (the whole scan's template), each tile request carries the same window of the template, the pipeline registers
-it onto the tile, and REGISTRATION returns one row per tile. Helpers: tiling.py, scan.py.
+it onto the tile, and REGISTRATION returns one row per tile. Helpers: tiling.py, scan.py, inspection_metrics.py.
+
+Metrics (docs/operations.md), one image per scan: a scan answered counts in pcb_inspected_images_total, its
+merged defects in pcb_defects_total{class} and pcb_defects_per_image; a scan refused in
+pcb_rejected_images_total{reason} (scan.py's reasons, bad_template, template_mismatch, bad_parameter,
+too_many_defects). The tile requests carry the `uncounted_parameter`, so the pipeline's steps do not count the
+tiles too. A tile request refused for overload (UNAVAILABLE) is sent again twice; then the scan fails with
+UNAVAILABLE, for the client to retry.
 """
 import asyncio
 import json
 import os
 import re
+from pathlib import Path
 
+import inspection_metrics
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+BAD_PARAMETER = "bad_parameter"  # a tile request refused with INVALID_ARG: only the request's parameters can be
+TOO_MANY_DEFECTS = "too_many_defects"
+BAD_TEMPLATE, TEMPLATE_MISMATCH = "bad_template", "template_mismatch"  # preprocess's words too
+# A tile request the pipeline refuses for overload (its queue timeout) is sent again after 0.2 s, then 0.4 s: a
+# scan already taken should not fail on a moment's queue; under lasting overload the scan fails UNAVAILABLE.
+TILE_ATTEMPTS, TILE_RETRY_S = 3, 0.2
+# Triton's words for a request its queue refused (max_queue_size) or dropped (queue timeout): overload.
+OVERLOAD_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")
+
 
 class ChildFailed(Exception):
-    """A tile request failed in the pipeline; its message says why."""
+    """A tile request failed in the pipeline; its message says why, ``code`` is its Triton error code."""
+
+    def __init__(self, error):
+        message, code = error.message(), error.code()
+        if code == pb_utils.TritonError.INTERNAL:  # Triton 2.51 gives BLS errors as INTERNAL: tell by the message
+            if any(words in message for words in OVERLOAD_MESSAGES):
+                code = pb_utils.TritonError.UNAVAILABLE
+            elif "parameter '" in message:  # postprocess refusing a threshold (thresholds.py)
+                code = pb_utils.TritonError.INVALID_ARG
+        super().__init__(message)
+        self.code = code
+
+
+class TooManyDefects(ValueError):
+    """More defects in the scan than the K rows this model returns."""
 
 
 class TemplateFailed(Exception):
-    """The scan's template cannot be used (undecodable, wrong size, or a tile's template refused)."""
+    """The scan's template cannot be used (undecodable, wrong size, or a tile's template refused); ``reason``
+    BAD_TEMPLATE or TEMPLATE_MISMATCH."""
+
+    def __init__(self, message: str, reason: str = BAD_TEMPLATE):
+        super().__init__(message)
+        self.reason = reason
 
 
 # How pcb_pipeline names a refused template: "TEMPLATE[i]: why", i the batch element of the tile request.
@@ -40,6 +77,7 @@ class TritonPythonModel:
         self.merge_iou = float(parameters["merge_iou_threshold"])
         self.max_scan_pixels = int(parameters["max_scan_pixels"])
         self.template_size_tolerance = int(parameters["template_size_tolerance"])
+        self.uncounted_parameter = parameters["uncounted_parameter"]
         (self.image_input,) = [i["name"] for i in config["input"] if not i.get("optional", False)]
         (self.template_input,) = [i["name"] for i in config["input"] if i.get("optional", False)]
         self.registration_output = "REGISTRATION"
@@ -55,6 +93,10 @@ class TritonPythonModel:
 
         tiling.check_layout(self.tile_size, self.tile_overlap)
         self.scan, self.tiling = scan, tiling
+        # labels_file is relative to the model repository (this model's folder is in it).
+        self.metrics = inspection_metrics.InspectionMetrics(
+            Path(args["model_repository"]).parent / parameters["labels_file"], parameters["defects_per_image_buckets"],
+            [*scan.REJECTION_REASONS, BAD_TEMPLATE, TEMPLATE_MISMATCH, BAD_PARAMETER, TOO_MANY_DEFECTS])
 
     async def execute(self, requests):
         return [await self._respond(request) for request in requests]
@@ -73,14 +115,26 @@ class TritonPythonModel:
         # postprocess parses like a number.
         parameters = {key: str(value) if isinstance(value, float) else value
                       for key, value in json.loads(request.parameters()).items()}
+        counted = not parameters.get(self.uncounted_parameter)  # a request of the canary's kind is not counted
+        parameters[self.uncounted_parameter] = True
+        invalid = pb_utils.TritonError.INVALID_ARG
         results = []
         for index, (encoded, encoded_template) in enumerate(zip(encoded_scans, encoded_templates)):
+            where = f"{self.image_input}[{index}]"
             try:
                 results.append(await self._inspect(encoded, encoded_template, parameters, request.trace()))
-            except (self.scan.ScanRejected, ChildFailed) as exc:
-                return self._error(f"{self.image_input}[{index}]: {exc}", pb_utils.TritonError.INVALID_ARG)
+            except self.scan.ScanRejected as exc:
+                return self._refuse(counted, exc.reason, f"{where}: {exc}", invalid)
             except TemplateFailed as exc:
-                return self._error(f"{self.template_input}[{index}]: {exc}", pb_utils.TritonError.INVALID_ARG)
+                return self._refuse(counted, exc.reason, f"{self.template_input}[{index}]: {exc}", invalid)
+            except TooManyDefects as exc:
+                return self._refuse(counted, TOO_MANY_DEFECTS, f"{where}: {exc}", invalid)
+            except ChildFailed as exc:
+                reason = BAD_PARAMETER if exc.code == invalid else None
+                return self._refuse(counted, reason, f"{where}: {exc}", exc.code)
+        if counted:
+            counts = np.array([len(scores) for _, scores, _, _ in results])
+            self.metrics.count(counts, np.concatenate([classes for _, _, classes, _ in results]).astype(np.int64))
         return pb_utils.InferenceResponse(output_tensors=self._outputs(results))
 
     def _decode_template(self, encoded_template: bytes, height: int, width: int):
@@ -93,7 +147,7 @@ class TritonPythonModel:
         tolerance = self.template_size_tolerance
         if abs(template_height - height) > tolerance or abs(template_width - width) > tolerance:
             raise TemplateFailed(f"template is {template_width}x{template_height}, the scan {width}x{height}: more "
-                                 f"than the {tolerance} px tolerance apart")
+                                 f"than the {tolerance} px tolerance apart", BAD_TEMPLATE)
         return template
 
     async def _inspect(self, encoded: bytes, encoded_template, parameters: dict, trace):
@@ -111,22 +165,27 @@ class TritonPythonModel:
                 inputs = [self._tiles_tensor(self.image_input, image, chunk)]
                 if template is not None:  # the same windows of the template (clipped where it is smaller)
                     inputs.append(self._tiles_tensor(self.template_input, template, chunk))
-                child = pb_utils.InferenceRequest(
-                    model_name=self.pipeline_model,
-                    inputs=inputs,
-                    requested_output_names=outputs,
-                    parameters=parameters,
-                    trace=trace,
-                )
-                response = await child.async_exec()
-            if response.has_error():
-                message = response.error().message()
-                refused = CHILD_TEMPLATE_ERROR.search(message) if template is not None else None
-                if refused:
-                    tile = start + int(refused.group(1))
-                    w = windows[tile]
-                    raise TemplateFailed(f"tile {tile} (x {w.x0}-{w.x1}, y {w.y0}-{w.y1}): {refused.group(2)}")
-                raise ChildFailed(message)
+                for attempt in range(TILE_ATTEMPTS):
+                    child = pb_utils.InferenceRequest(
+                        model_name=self.pipeline_model,
+                        inputs=inputs,
+                        requested_output_names=outputs,
+                        parameters=parameters,
+                        trace=trace,
+                    )
+                    response = await child.async_exec()
+                    if not response.has_error():
+                        break
+                    refused = CHILD_TEMPLATE_ERROR.search(response.error().message()) if template is not None else None
+                    if refused:
+                        tile, why = start + int(refused.group(1)), refused.group(2)
+                        w = windows[tile]
+                        raise TemplateFailed(f"tile {tile} (x {w.x0}-{w.x1}, y {w.y0}-{w.y1}): {why}",
+                                             TEMPLATE_MISMATCH if "does not match" in why else BAD_TEMPLATE)
+                    failure = ChildFailed(response.error())
+                    if failure.code != pb_utils.TritonError.UNAVAILABLE or attempt == TILE_ATTEMPTS - 1:
+                        raise failure
+                    await asyncio.sleep(TILE_RETRY_S * 2**attempt)
             return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs]
 
         tile_outputs = await asyncio.gather(*(detect(start) for start in starts))
@@ -141,8 +200,8 @@ class TritonPythonModel:
                 registrations[start : start + len(num)] = registration[0].reshape(-1, 4)
         merged = self.tiling.merge_tiles(boxes, scores, classes, windows, height, width, self.merge_iou)
         if len(merged[1]) > self.max_detections:
-            raise ChildFailed(f"{len(merged[1])} defects found, more than the {self.max_detections} this model "
-                              f"returns: raise score_threshold, or K (the BOXES dims) in the config")
+            raise TooManyDefects(f"{len(merged[1])} defects found, more than the {self.max_detections} this model "
+                                 f"returns: raise score_threshold, or K (the BOXES dims) in the config")
         return (*merged, registrations)
 
     def _tiles_tensor(self, name, pixels, chunk):
@@ -164,6 +223,12 @@ class TritonPythonModel:
         arrays = dict(zip(self.detection_outputs, (count, boxes, scores, classes)))
         arrays |= {self.registration_output: registration, "NUM_TILES": tiles}
         return [pb_utils.Tensor(name, array) for name, array in arrays.items()]
+
+    def _refuse(self, counted: bool, reason: str | None, message: str, code):
+        """The error response; a refusal for the image's sake (``reason``) counts in pcb_rejected_images_total."""
+        if counted and reason:
+            self.metrics.reject(reason)
+        return self._error(message, code)
 
     @staticmethod
     def _error(message, code):

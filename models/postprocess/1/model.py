@@ -5,15 +5,24 @@ padded detection count) from the BOXES output dims. Requests may override the tw
 parameters of the same names. All requests of a dynamic batch go through one batched call, each image with
 its own request's thresholds: box_ops.postprocess_batch_opencv on CPU instances, box_ops.postprocess_batch
 (CuPy) on GPU instances. The array code is box_ops.py beside this file.
+
+Metrics (docs/operations.md): every image answered counts in pcb_inspected_images_total, its defects in
+pcb_defects_total{class} (class names from the `labels_file` parameter) and pcb_defects_per_image (buckets from
+`defects_per_image_buckets`); a request refused for its thresholds in pcb_rejected_images_total{reason}, one per
+image (inspection_metrics.py). Not for requests with the `uncounted_parameter` (pcb_scan's tiles: it counts
+each scan itself; the health canary).
 """
 import json
+from pathlib import Path
 
 import box_ops
+import inspection_metrics
 import numpy as np
 import thresholds
 import triton_python_backend_utils as pb_utils
 
 OUTPUT_NAMES = ("NUM_DETECTIONS", "BOXES", "SCORES", "CLASSES")
+BAD_PARAMETER = "bad_parameter"  # pcb_rejected_images_total's reason for a threshold out of range
 
 
 class TritonPythonModel:
@@ -24,7 +33,12 @@ class TritonPythonModel:
             name: thresholds.parse_threshold(name, parameters[name]) for name in thresholds.THRESHOLD_NAMES
         }
         self.pre_nms_top_k = int(parameters["pre_nms_top_k"])
+        self.uncounted_parameter = parameters["uncounted_parameter"]
         self.max_detections = int(pb_utils.get_output_config_by_name(config, "BOXES")["dims"][0])
+        # labels_file is relative to the model repository (this model's folder is in it).
+        self.metrics = inspection_metrics.InspectionMetrics(
+            Path(args["model_repository"]).parent / parameters["labels_file"],
+            parameters["defects_per_image_buckets"], [BAD_PARAMETER])
 
         self.xp = np
         if args["model_instance_kind"] == "GPU":  # GPU only (CuPy); not run on the CPU-only dev machines
@@ -36,11 +50,15 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = [None] * len(requests)
         accepted = []  # (request index, its thresholds)
+        counted = []  # per request: whether its images count in the metrics (not a pcb_scan tile)
         for index, request in enumerate(requests):
+            request_parameters = json.loads(request.parameters())
+            counted.append(not request_parameters.get(self.uncounted_parameter))
             try:
-                accepted.append((index, thresholds.resolve_thresholds(json.loads(request.parameters()),
-                                                                      self.default_thresholds)))
+                accepted.append((index, thresholds.resolve_thresholds(request_parameters, self.default_thresholds)))
             except ValueError as exc:
+                if counted[index]:
+                    self.metrics.reject(BAD_PARAMETER, int(self._input(request, "LETTERBOX").shape[0]))
                 responses[index] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
                 )
@@ -58,7 +76,19 @@ class TritonPythonModel:
             responses[index] = pb_utils.InferenceResponse(
                 output_tensors=[self._output(name, array[end - size : end]) for name, array in zip(OUTPUT_NAMES, outputs)]
             )
+        self._count(outputs, np.repeat([counted[index] for index, _ in accepted], sizes))
         return responses
+
+    def _count(self, outputs, rows):
+        """The metrics of the images answered in the batch rows where ``rows`` is true."""
+        if not rows.any():
+            return
+        counts = self._host(outputs[0]).reshape(-1)[rows]
+        classes = self._host(outputs[3])[rows]
+        self.metrics.count(counts, classes[np.arange(classes.shape[1]) < counts[:, None]])
+
+    def _host(self, array):
+        return array if self.xp is np else self.xp.asnumpy(array)
 
     def _concatenate(self, arrays):
         """One batch of the requests' tensors; the dynamic batcher only batches requests of equal shapes."""

@@ -35,10 +35,21 @@ _HEADER_READERS = (
 SUPPORTED_CHANNELS = (1, 3)  # decoded image channels
 TEMPLATE_CHANNELS = 2  # a detector input of this many channels takes the grey image and the registered template
 NO_REGISTRATION = np.zeros(4, dtype=np.float32)  # REGISTRATION when no template was sent
+# The first bytes of each format read here: data starting like one of them but unreadable is cut short.
+_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"BM", b"II*\x00", b"MM\x00*")
+
+# Why an image is rejected, one word each: the `reason` label of pcb_rejected_images_total.
+EMPTY, NOT_AN_IMAGE, TRUNCATED, TOO_LARGE = "empty", "not_an_image", "truncated", "too_large"
+REJECTION_REASONS = (EMPTY, NOT_AN_IMAGE, TRUNCATED, TOO_LARGE)
 
 
 class ImageRejected(ValueError):
-    """The encoded bytes cannot be turned into a detector input; the message says why."""
+    """The encoded bytes cannot be turned into a detector input; the message says why, ``reason`` in one word
+    (one of REJECTION_REASONS)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def read_declared_size(encoded: bytes) -> tuple[str, int, int]:
@@ -55,7 +66,8 @@ def read_declared_size(encoded: bytes) -> tuple[str, int, int]:
         return format_name, width, height
     raise ImageRejected(
         f"not a JPEG, PNG, BMP or TIFF image, or its header is cut short "
-        f"({len(encoded)} bytes starting with {encoded[:8].hex(' ')})"
+        f"({len(encoded)} bytes starting with {encoded[:8].hex(' ')})",
+        TRUNCATED if encoded.startswith(_SIGNATURES) else NOT_AN_IMAGE,
     )
 
 
@@ -69,23 +81,26 @@ def decode_image(encoded: bytes, channels: int, max_pixels: int) -> np.ndarray:
     if channels not in SUPPORTED_CHANNELS:
         raise ValueError(f"channels must be one of {SUPPORTED_CHANNELS}, got {channels}")
     if len(encoded) == 0:
-        raise ImageRejected("empty image data (0 bytes)")
+        raise ImageRejected("empty image data (0 bytes)", EMPTY)
     format_name, width, height = read_declared_size(encoded)
     if width * height > max_pixels:
         raise ImageRejected(
             f"{format_name} header declares {width}x{height} = {width * height} pixels, "
-            f"over the limit of {max_pixels} pixels"
+            f"over the limit of {max_pixels} pixels",
+            TOO_LARGE,
         )
     flags = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
     try:
         image = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags)
     except cv2.error as exc:  # e.g. OpenCV's own OPENCV_IO_MAX_IMAGE_PIXELS check
         reason = str(exc).strip().splitlines()[-1]
-        raise ImageRejected(f"{format_name} image ({width}x{height}) could not be decoded: {reason}") from exc
+        raise ImageRejected(f"{format_name} image ({width}x{height}) could not be decoded: {reason}",
+                            TOO_LARGE if "CV_IO_MAX_IMAGE_PIXELS" in str(exc) else TRUNCATED) from exc
     if image is None:
         raise ImageRejected(
             f"{format_name} image ({width}x{height}, {len(encoded)} bytes) could not be decoded: "
-            "the data is truncated or corrupt"
+            "the data is truncated or corrupt",
+            TRUNCATED,
         )
     if channels == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -2,8 +2,13 @@
 `LETTERBOX` geometry and the template's `REGISTRATION`.
 
 The input size and channel layout come from the `images` output dims; `pad_value`, `max_image_pixels` and the
-registration settings (`registration_*`, `template_size_tolerance`) from the config parameters. CPU instances letterbox with OpenCV (image_ops.preprocess_image_opencv), GPU
+registration settings (`registration_*`, `template_size_tolerance`) from the config parameters. CPU instances
+letterbox with OpenCV (image_ops.preprocess_image_opencv), GPU
 instances with the array code on CuPy (image_ops.preprocess_image); both are in image_ops.py beside this file.
+
+Metrics (docs/operations.md): each rejected image or template counts in pcb_rejected_images_total{reason}, the
+reason from image_ops and registration.py, and each registered template's score in pcb_template_match_score
+(not for requests with the `uncounted_parameter`: pcb_scan's tiles, the health canary).
 """
 import functools
 import json
@@ -21,6 +26,7 @@ class TritonPythonModel:
         if not (self.pad_value.is_integer() and 0 <= self.pad_value <= 255):
             raise ValueError(f"pad_value must be a whole grey level from 0 to 255, got {parameters['pad_value']!r}")
         self.max_image_pixels = int(parameters["max_image_pixels"])
+        self.uncounted_parameter = parameters["uncounted_parameter"]
         channels, height, width = pb_utils.get_output_config_by_name(config, "images")["dims"]
         self.channels, self.input_height, self.input_width = int(channels), int(height), int(width)
 
@@ -46,6 +52,16 @@ class TritonPythonModel:
             self.xp = cupy
             self.preprocess_image = functools.partial(image_ops.preprocess_image, xp=cupy)
 
+        rejected = pb_utils.MetricFamily(name="pcb_rejected_images_total", kind=pb_utils.MetricFamily.COUNTER,
+                                         description="Images refused with an error, by reason")
+        reasons = (*image_ops.REJECTION_REASONS, *image_ops.TEMPLATE_REJECTION_REASONS)
+        self.rejections = {reason: rejected.Metric(labels={"reason": reason}) for reason in reasons}
+        match = pb_utils.MetricFamily(name="pcb_template_match_score", kind=pb_utils.MetricFamily.HISTOGRAM,
+                                      description="Registration score of the templates registered")
+        buckets = [float(edge) for edge in parameters["template_match_score_buckets"].split(",")]
+        self.match_scores = match.Metric(labels={}, buckets=buckets)
+        self.metric_families = (rejected, match)  # a metric lives while its family is held
+
     def execute(self, requests):
         return [self._respond(request) for request in requests]
 
@@ -66,12 +82,15 @@ class TritonPythonModel:
                     self.max_image_pixels, template, self.registration,
                 )
             except self.image_ops.ImageRejected as exc:
-                return self._error(f"IMAGE[{index}]: {exc}")
+                return self._refuse(request, exc.reason, f"IMAGE[{index}]: {exc}")
             except self.image_ops.TemplateRejected as exc:
-                return self._error(f"TEMPLATE[{index}]: {exc}")
+                return self._refuse(request, exc.reason, f"TEMPLATE[{index}]: {exc}")
             tensors.append(tensor)
             geometries.append(geometry)
             registrations.append(registration)
+        if template_tensor is not None and self._counted(request):
+            for registration in registrations:
+                self.match_scores.observe(float(registration[3]))
         # A lone image (the usual request) needs no stacking copy.
         images = tensors[0][None] if len(tensors) == 1 else self.xp.stack(tensors)
         return pb_utils.InferenceResponse(output_tensors=[
@@ -79,6 +98,15 @@ class TritonPythonModel:
             self._output("LETTERBOX", self.xp.stack(geometries)),
             pb_utils.Tensor("REGISTRATION", np.stack(registrations)),  # computed on the CPU on either device
         ])
+
+    def _counted(self, request) -> bool:
+        return not json.loads(request.parameters()).get(self.uncounted_parameter)
+
+    def _refuse(self, request, reason: str, message: str):
+        """The error response of a refused image or template, counted in pcb_rejected_images_total{reason}."""
+        if self._counted(request):
+            self.rejections[reason].increment(1)
+        return self._error(message)
 
     @staticmethod
     def _error(message):
