@@ -34,7 +34,6 @@ OPERATIONS = (REPO_ROOT / "docs" / "operations.md").read_text()
 DASHBOARD = (REPO_ROOT / "deploy" / "k8s" / "base" / "grafana-dashboard-pcb-inspect.json").read_text()
 RULES = (REPO_ROOT / "deploy" / "k8s" / "base" / "prometheus-rule.yaml").read_text()
 MODEL_FILES = sorted(MODELS_ROOT.glob("*/1/*.py"))  # the models and their helpers
-NOT_YET_EXPORTED = {"pcb_template_match_score"}  # needs golden templates, which the pipeline does not take yet
 STEPS = (CONTRACT.preprocess_model, CONTRACT.detector_model, CONTRACT.postprocess_model)
 
 
@@ -63,15 +62,14 @@ def module_constant(path: Path, name: str):
 def test_each_metric_is_declared_alike_wherever_it_is_and_documented():
     families = metric_families()
     assert {"pcb_inspected_images_total", "pcb_defects_total", "pcb_rejected_images_total", "pcb_defects_per_image",
-            "pcb_model_restarts_total"} == set(families)
+            "pcb_model_restarts_total", "pcb_template_match_score"} == set(families)
     for name, declarations in families.items():
         assert len({(kind, description) for _, kind, description in declarations}) == 1, name
         assert f"`{name}`" in OPERATIONS, f"{name} is not in docs/operations.md"
-    # The dashboard and the alerts use only metrics that exist (the template score once templates do).
+    # The dashboard and the alerts use only metrics that exist.
     used = set(re.findall(r"\b(pcb_[a-z_]+?)(?:_bucket|_count|_sum)?\b(?=\{|\[|\))", DASHBOARD + RULES))
     used -= {"pcb_queue_time_per_request_us"}  # the HPA's metric, recorded by the PrometheusRule
-    assert used - NOT_YET_EXPORTED <= set(families), used - set(families)
-    assert all(f"`{name}`" in OPERATIONS for name in NOT_YET_EXPORTED)
+    assert used <= set(families), used - set(families)
 
 
 def rejection_reasons(monkeypatch) -> set[str]:
@@ -80,13 +78,15 @@ def rejection_reasons(monkeypatch) -> set[str]:
     scan = load_model_module(CONTRACT.scan_model, "scan")
     model = MODELS_ROOT / CONTRACT.scan_model / "1" / "model.py"
     post = MODELS_ROOT / CONTRACT.postprocess_model / "1" / "model.py"
-    return {*image_ops.REJECTION_REASONS, *scan.REJECTION_REASONS, module_constant(post, "BAD_PARAMETER"),
-            module_constant(model, "BAD_PARAMETER"), module_constant(model, "TOO_MANY_DEFECTS")}
+    return {*image_ops.REJECTION_REASONS, *image_ops.TEMPLATE_REJECTION_REASONS, *scan.REJECTION_REASONS,
+            module_constant(post, "BAD_PARAMETER"), module_constant(model, "BAD_PARAMETER"),
+            module_constant(model, "TOO_MANY_DEFECTS")}
 
 
 def test_every_rejection_reason_is_documented_and_named_by_its_error_path(monkeypatch):
     reasons = rejection_reasons(monkeypatch)
-    assert reasons == {"empty", "not_an_image", "truncated", "too_large", "bad_parameter", "too_many_defects"}
+    assert reasons == {"empty", "not_an_image", "truncated", "too_large", "bad_parameter", "too_many_defects",
+                       "bad_template", "template_mismatch"}
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", OPERATIONS, re.MULTILINE))
     assert reasons <= documented
     jpeg = image_ops.cv2.imencode(".jpg", np.full((32, 32), 200, np.uint8))[1].tobytes()
@@ -235,14 +235,18 @@ def changes(before: dict[str, float], after: dict[str, float]) -> dict[str, floa
 
 def test_the_metrics_count_what_the_responses_said(triton_server, synthetic_boards):
     boards = [Path(sample.image_path).read_bytes() for sample in synthetic_boards[:3]]
+    templates = [Path(sample.template_path).read_bytes() for sample in synthetic_boards[:3]]
     scan_image, _, _ = healthcheck.canary_board()
     before = pcb_metrics(triton_server)
     answered: list[Detections] = []
     with PipelineClient(triton_server.grpc_url, contract=CONTRACT, max_attempts=1) as client:
         answered += client.infer(boards[:2]) + client.infer(boards[2:])  # a batch of two, then one
         answered += client.infer([scan_image], scans=True)  # a scan counts once, with its merged defects
+        registered = client.infer(boards[:2], templates=templates[:2])  # two template scores observed
+        answered += registered
         bad = [([b""], {}), ([b"%PDF-1.7"], {}), ([boards[0][:200]], {}), ([png_declaring(9000, 9000)], {}),
-               ([boards[0]], {"score_threshold": 2.0}), ([b""], {"scans": True})]
+               ([boards[0]], {"score_threshold": 2.0}), ([b""], {"scans": True}),
+               ([boards[0]], {"templates": [b"%PDF-1.7"]}), ([boards[0]], {"templates": [templates[1]]})]
         for images, options in bad:
             with pytest.raises(InferenceServerException):
                 client.infer(images, **options)
@@ -258,8 +262,15 @@ def test_the_metrics_count_what_the_responses_said(triton_server, synthetic_boar
     for key in [k for k in delta if k.startswith("pcb_defects_per_image_bucket")]:
         edge = float(re.search(r'le="([^"]+)"', key).group(1).replace("+Inf", "inf"))
         assert delta.pop(key) == sum(len(d) <= edge for d in answered), key
+    scores = [float(d.registration[3]) for d in registered]
+    assert delta.pop("pcb_template_match_score_count") == 2
+    assert abs(delta.pop("pcb_template_match_score_sum") - sum(scores)) < 1e-3
+    for key in [k for k in delta if k.startswith("pcb_template_match_score_bucket")]:
+        edge = float(re.search(r'le="([^"]+)"', key).group(1).replace("+Inf", "inf"))
+        assert delta.pop(key) == sum(score <= edge for score in scores), key
     assert delta == {f'pcb_rejected_images_total{{reason="{reason}"}}': count for reason, count in
-                     {"empty": 2, "not_an_image": 1, "truncated": 1, "too_large": 1, "bad_parameter": 1}.items()}
+                     {"empty": 2, "not_an_image": 1, "truncated": 1, "too_large": 1, "bad_parameter": 1,
+                      "bad_template": 1, "template_mismatch": 1}.items()}
 
 
 def test_latency_percentiles_are_on_the_metrics_endpoint(triton_server):
