@@ -25,7 +25,7 @@ from tools.client import PipelineClient
 from tools.client.tracing import environment_context, trace_headers
 from tools.contract import CONFIG_NAMES, MODELS_ROOT, REPO_ROOT, load_repository, parameter, served_contract
 from tools.detections import Detections
-from tools.pipeline_math import image_ops, load_model_module
+from tools.pipeline_math import image_ops, load_model_module, registration
 from tools.serve import healthcheck
 from tools.serve.triton_server import RESTARTS_FILE_VARIABLE
 
@@ -78,7 +78,7 @@ def rejection_reasons(monkeypatch) -> set[str]:
     scan = load_model_module(CONTRACT.scan_model, "scan")
     model = MODELS_ROOT / CONTRACT.scan_model / "1" / "model.py"
     post = MODELS_ROOT / CONTRACT.postprocess_model / "1" / "model.py"
-    return {*image_ops.REJECTION_REASONS, *image_ops.TEMPLATE_REJECTION_REASONS, *scan.REJECTION_REASONS,
+    return {*image_ops.REJECTION_REASONS, *registration.REJECTION_REASONS, *scan.REJECTION_REASONS,
             module_constant(post, "BAD_PARAMETER"), module_constant(model, "BAD_PARAMETER"),
             module_constant(model, "TOO_MANY_DEFECTS")}
 

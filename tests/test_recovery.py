@@ -128,7 +128,7 @@ def traced_request(server, trace_id: int, span_id: int):
     token = context.attach(trace.set_span_in_context(parent))
     try:
         with PipelineClient(server.grpc_url, contract=CONTRACT, max_attempts=1) as client:
-            [detections] = client.infer([board()])
+            [detections] = client.infer([board()], templates=[healthcheck.canary_template()])
     finally:
         context.detach(token)
     assert len(detections) == len(healthcheck.canary_board()[1])

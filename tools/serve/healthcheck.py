@@ -7,7 +7,9 @@ process '...' is not healthy"); an inference on a known board cannot be fooled t
     result = canary("localhost:8001", deadline_s=5, metrics_url="http://localhost:8002/metrics")
     result.healthy, result.verdict, str(result)
 
-The board is ``canary/board.png`` beside this file; ``canary/board.json`` lists its defects. The answer is
+The board is ``canary/board.png`` beside this file, sent with its template ``canary/template.png`` (so the
+registration is checked too: a template it refused would fail the canary); ``canary/board.json`` lists its
+defects. The answer is
 right when it has exactly these defects: each found with its class and IoU >= MIN_IOU (the detector scores
 each over 0.8 and nothing else over 0.2, so a GPU's FP16 engine gives the same answer). The request carries
 the contract's ``uncounted_parameter``: probes do not count in the pcb_* metrics.
@@ -70,6 +72,11 @@ def canary_board() -> tuple[bytes, tuple[str, ...], np.ndarray]:
     defects = json.loads((CANARY_DIR / "board.json").read_text())["defects"]
     boxes = np.array([defect["box"] for defect in defects], np.float32).reshape(-1, 4)
     return (CANARY_DIR / "board.png").read_bytes(), tuple(defect["class"] for defect in defects), boxes
+
+
+def canary_template() -> bytes:
+    """The canary board's defect-free template: the canary goes through registration too."""
+    return (CANARY_DIR / "template.png").read_bytes()
 
 
 def answer_problem(detections: Detections, labels: tuple[str, ...]) -> str | None:
@@ -136,13 +143,15 @@ def canary(url: str, deadline_s: float = 5.0, contract: ServedContract | None = 
             before = exec_counts(metrics_url, steps, deadline_s)
         except (urllib.error.URLError, OSError):
             pass  # judged without them
-    data = np.empty((1, 1), dtype=object)
-    data[0, 0] = encoded
-    image = grpcclient.InferInput(contract.image_input, [1, 1], "BYTES")
-    image.set_data_from_numpy(data)
+    inputs = []
+    for name, content in ((contract.image_input, encoded), (contract.template_input, canary_template())):
+        data = np.empty((1, 1), dtype=object)
+        data[0, 0] = content
+        inputs.append(grpcclient.InferInput(name, [1, 1], "BYTES"))
+        inputs[-1].set_data_from_numpy(data)
     client = grpcclient.InferenceServerClient(url)
     try:
-        result = client.infer(contract.pipeline_model, [image],
+        result = client.infer(contract.pipeline_model, inputs,
                               outputs=[grpcclient.InferRequestedOutput(name) for name in contract.output_names],
                               parameters={contract.uncounted_parameter: True}, client_timeout=deadline_s)
     except InferenceServerException as error:

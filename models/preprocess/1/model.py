@@ -33,6 +33,7 @@ class TritonPythonModel:
         # OpenCV reads its decoder pixel limit once, at its first import: set it from the config before that.
         os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(self.max_image_pixels)
         import image_ops
+        import registration
 
         self.registration = image_ops.RegistrationSettings(
             max_shift=float(parameters["registration_max_shift"]),
@@ -54,7 +55,7 @@ class TritonPythonModel:
 
         rejected = pb_utils.MetricFamily(name="pcb_rejected_images_total", kind=pb_utils.MetricFamily.COUNTER,
                                          description="Images refused with an error, by reason")
-        reasons = (*image_ops.REJECTION_REASONS, *image_ops.TEMPLATE_REJECTION_REASONS)
+        reasons = (*image_ops.REJECTION_REASONS, *registration.REJECTION_REASONS)
         self.rejections = {reason: rejected.Metric(labels={"reason": reason}) for reason in reasons}
         match = pb_utils.MetricFamily(name="pcb_template_match_score", kind=pb_utils.MetricFamily.HISTOGRAM,
                                       description="Registration score of the templates registered")

@@ -20,6 +20,7 @@ import numpy as np
 
 # Why a template is refused, one word each (the `reason` of the error).
 BAD_TEMPLATE, TEMPLATE_MISMATCH = "bad_template", "template_mismatch"
+REJECTION_REASONS = (BAD_TEMPLATE, TEMPLATE_MISMATCH)
 COARSE_SCALE = 0.25  # phase correlation's copy: 160 px for a 640 px board, a fraction of a millisecond
 ECC_ITERATIONS, ECC_EPSILON, ECC_BLUR = 30, 1e-4, 3
 
