@@ -140,22 +140,27 @@ def convert(source: Path, output: Path, calibration_boards: list[Path], batch_si
             calibration_data=str(calibration),
             providers=["cpu"],
         )
-    board_list = "\n".join(sorted(path.name for path in calibration_boards))
-    onnx.helper.set_model_props(
-        converted,
-        {
-            **{prop.key: prop.value for prop in converted.metadata_props},
-            SOURCE_HASH_KEY: file_sha256(source),
-            CALIBRATION_KEY: f"{len(calibration_boards)} boards, names sha256 "
-            + hashlib.sha256(board_list.encode()).hexdigest(),
-            CONVERTER_KEY: f"nvidia-modelopt {version('nvidia-modelopt')} AutoCast fp16, keep_io_types, "
-            f"data_max {DATA_MAX:g}, decode tail in FP32",
-        },
-    )
+    save_with_provenance(converted, output, {
+        SOURCE_HASH_KEY: file_sha256(source),
+        CALIBRATION_KEY: calibration_description(calibration_boards),
+        CONVERTER_KEY: f"nvidia-modelopt {version('nvidia-modelopt')} AutoCast fp16, keep_io_types, "
+        f"data_max {DATA_MAX:g}, decode tail in FP32",
+    })
+    return converted
+
+
+def calibration_description(boards: list[Path]) -> str:
+    """'32 boards, names sha256 ...': which boards calibrated a build, checkable without their paths."""
+    names = "\n".join(sorted(path.name for path in boards))
+    return f"{len(boards)} boards, names sha256 " + hashlib.sha256(names.encode()).hexdigest()
+
+
+def save_with_provenance(converted: onnx.ModelProto, output: Path, provenance: dict[str, str]) -> None:
+    """Add ``provenance`` to the converted model's metadata, check the model and write it to ``output``."""
+    onnx.helper.set_model_props(converted, {**{p.key: p.value for p in converted.metadata_props}, **provenance})
     onnx.checker.check_model(converted)
     output.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(converted, str(output))
-    return converted
 
 
 def precision_summary(model: onnx.ModelProto) -> str:

@@ -28,7 +28,6 @@ checkable.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import tempfile
 from pathlib import Path
@@ -44,10 +43,12 @@ from tools.data.board_batches import calibration_inputs, load_mixed_boards
 from tools.engine.agreement import Verdict, compare_outputs, onnxruntime_runner, run_in_batches
 from tools.engine.fp16 import (
     add_conversion_arguments,
+    calibration_description,
     conversion_boards,
     decode_tail,
     file_sha256,
     name_unnamed_nodes,
+    save_with_provenance,
 )
 
 DEFAULT_SOURCE = served_contract().detector_onnx
@@ -134,22 +135,13 @@ def convert(
         )
         converted = onnx.load(str(quantized))
     read_shapes_from_quantized(converted)
-    board_list = "\n".join(sorted(path.name for path in calibration_boards))
-    onnx.helper.set_model_props(
-        converted,
-        {
-            **{prop.key: prop.value for prop in converted.metadata_props},
-            SOURCE_HASH_KEY: file_sha256(source),
-            CALIBRATION_KEY: f"{len(calibration_boards)} boards, names sha256 "
-            + hashlib.sha256(board_list.encode()).hexdigest(),
-            CONVERTER_KEY: f"onnxruntime {onnxruntime.__version__} quant_pre_process + quantize_static QDQ, "
-            f"MinMax, activations uint8, weights int8 {'per channel' if per_channel else 'per tensor'}, "
-            f"decode tail ({len(keep_fp32)} nodes) in FP32, Shapes read the int8 tensors",
-        },
-    )
-    onnx.checker.check_model(converted)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(converted, str(output))
+    save_with_provenance(converted, output, {
+        SOURCE_HASH_KEY: file_sha256(source),
+        CALIBRATION_KEY: calibration_description(calibration_boards),
+        CONVERTER_KEY: f"onnxruntime {onnxruntime.__version__} quant_pre_process + quantize_static QDQ, MinMax, "
+        f"activations uint8, weights int8 {'per channel' if per_channel else 'per tensor'}, decode tail "
+        f"({len(keep_fp32)} nodes) in FP32, Shapes read the int8 tensors",
+    })
     return converted
 
 
