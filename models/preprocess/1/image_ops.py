@@ -176,11 +176,12 @@ def resize_opencv(image: np.ndarray, scale: float, resized_height: int, resized_
     return resized.reshape(resized_height, resized_width, channels)  # OpenCV drops a single channel axis
 
 
-def letterbox_opencv(image: np.ndarray, input_height: int, input_width: int, pad_value: float):
+def letterbox_opencv(image: np.ndarray, input_height: int, input_width: int, pad_value: float,
+                     out: np.ndarray | None = None):
     """``letterbox`` for CPU instances, on OpenCV: the same geometry, layout and border (``pad_value`` a whole
     grey level, as the pixels are), exactly the same values when no resize is needed, within one grey level
     otherwise (OpenCV resizes uint8 with fixed-point weights and rounds to whole grey levels; the array code
-    stays in float32).
+    stays in float32). ``out``: the (channels, input_height, input_width) float32 array to write the tensor to.
     """
     height, width, channels = image.shape
     scale, pad_x, pad_y, resized_width, resized_height = letterbox_geometry(height, width, input_height, input_width)
@@ -191,25 +192,25 @@ def letterbox_opencv(image: np.ndarray, input_height: int, input_width: int, pad
         image, pad_y, input_height - resized_height - pad_y, pad_x, input_width - resized_width - pad_x,
         cv2.BORDER_CONSTANT, value=(pad_value,) * 4,  # a Scalar per channel: a lone number fills channel 0 only
     )
-    tensor = np.empty((channels, input_height, input_width), dtype=np.float32)
+    tensor = np.empty((channels, input_height, input_width), dtype=np.float32) if out is None else out
     np.divide(padded.reshape(input_height, input_width, channels).transpose(2, 0, 1), np.float32(255), out=tensor)
     geometry = np.asarray([scale, pad_x, pad_y, width, height], dtype=np.float32)
     return tensor, geometry
 
 
-def board_pixels(encoded: bytes, encoded_template: bytes | None, channels: int, max_pixels: int,
+def board_planes(encoded: bytes, encoded_template: bytes | None, channels: int, max_pixels: int,
                  registration: RegistrationSettings | None):
-    """Decode the image (and register its template onto it) into the detector's channel layout.
+    """Decode the image (and register its template onto it) into the planes of the detector's channel layout.
 
-    Returns (pixels (H, W, channels) uint8, registration float32 (dx, dy, angle, score), zeros without a
-    template). Raises ImageRejected for the image, TemplateRejected for the template (its reason:
-    registration.BAD_TEMPLATE or TEMPLATE_MISMATCH).
+    Returns (planes, registration float32 (dx, dy, angle, score), zeros without a template). ``planes`` are
+    (H, W, c) uint8 arrays in channel order: the image alone (1 or 3 channels), or the grey image and the
+    registered template, the latter None when no template was sent (the border fill throughout). Raises
+    ImageRejected for the image, TemplateRejected for the template (its reason: registration.BAD_TEMPLATE or
+    TEMPLATE_MISMATCH).
     """
     image = decode_image(encoded, 1 if channels == TEMPLATE_CHANNELS else channels, max_pixels)
     if encoded_template is None:
-        if channels != TEMPLATE_CHANNELS:
-            return image, NO_REGISTRATION
-        return np.dstack([image, np.full_like(image, round(registration.fill))]), NO_REGISTRATION
+        return ([image] if channels != TEMPLATE_CHANNELS else [image, None]), NO_REGISTRATION
     try:
         template = decode_image(encoded_template, 1, max_pixels)[:, :, 0]
     except ImageRejected as exc:
@@ -217,16 +218,36 @@ def board_pixels(encoded: bytes, encoded_template: bytes | None, channels: int, 
     grey = image[:, :, 0] if image.shape[2] == 1 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     registered, found = register_template(grey, template, registration)
     if channels != TEMPLATE_CHANNELS:
-        return image, found
-    return np.dstack([image, registered]), found
+        return [image], found
+    return [image, registered[:, :, None]], found
+
+
+def board_pixels(encoded: bytes, encoded_template: bytes | None, channels: int, max_pixels: int,
+                 registration: RegistrationSettings | None):
+    """``board_planes`` as one (H, W, channels) uint8 array, the fill in place of a missing template."""
+    planes, found = board_planes(encoded, encoded_template, channels, max_pixels, registration)
+    image = planes[0]
+    return np.dstack([plane if plane is not None else np.full_like(image, round(registration.fill))
+                      for plane in planes]), found
 
 
 def preprocess_image_opencv(encoded: bytes, input_height: int, input_width: int, channels: int, pad_value: float,
                             max_pixels: int, template: bytes | None = None,
                             registration: RegistrationSettings | None = None):
-    """``preprocess_image`` for CPU instances: decode and letterbox with OpenCV (see ``letterbox_opencv``)."""
-    pixels, found = board_pixels(encoded, template, channels, max_pixels, registration)
-    return (*letterbox_opencv(pixels, input_height, input_width, pad_value), found)
+    """``preprocess_image`` for CPU instances: decode and letterbox with OpenCV (see ``letterbox_opencv``),
+    plane by plane (OpenCV is fastest on contiguous planes); a missing template's plane is the fill itself."""
+    planes, found = board_planes(encoded, template, channels, max_pixels, registration)
+    tensor = np.empty((channels, input_height, input_width), dtype=np.float32)
+    start = 0
+    for plane in planes:
+        if plane is None:  # letterboxing a plane of the fill gives the fill: skip the work
+            tensor[start] = np.float32(round(registration.fill)) / np.float32(255)
+            start += 1
+            continue
+        _, geometry = letterbox_opencv(plane, input_height, input_width, pad_value,
+                                       out=tensor[start : start + plane.shape[2]])
+        start += plane.shape[2]
+    return tensor, geometry, found
 
 
 def preprocess_image(encoded: bytes, input_height: int, input_width: int, channels: int, pad_value: float,
