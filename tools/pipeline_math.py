@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from tools.contract import MODELS_ROOT, ServedContract, served_contract
+from tools.contract import MODELS_ROOT, ServedContract, load_repository, parameter, served_contract
 
 
 def load_model_module(model: str, module: str):
@@ -45,12 +45,14 @@ TemplateRejected = image_ops.TemplateRejected
 def registration_settings(contract: ServedContract | None = None):
     """The served registration's settings (preprocess's config parameters)."""
     c = contract or served_contract()
-    p = c.registration_parameters
-    return registration.RegistrationSettings(
-        max_shift=p["registration_max_shift"], max_angle=p["registration_max_angle"],
-        min_score=p["registration_min_score"], size_tolerance=int(p["template_size_tolerance"]),
-        scale=p["registration_scale"], fill=c.pad_value,
-    )
+    return registration.RegistrationSettings.from_parameters(c.registration_parameters, c.pad_value)
+
+
+def scan_windows(height: int, width: int, contract: ServedContract | None = None):
+    """The tiles the scan model cuts a height x width scan into (its config's tile_size and tile_overlap)."""
+    c = contract or served_contract()
+    config = load_repository(c.config_name, c.models_root)[c.scan_model]
+    return tiling.tile_windows(height, width, int(parameter(config, "tile_size")), int(parameter(config, "tile_overlap")))
 
 
 def preprocess_as_served(encoded: bytes, template: bytes | None = None, contract: ServedContract | None = None):

@@ -30,9 +30,9 @@ def load_boards(paths: list[Path], with_templates: bool = True) -> tuple[np.ndar
 
 def load_mixed_boards(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """``load_boards`` for both kinds of request: every other board with its template, the rest alone."""
-    pairs, alone = load_boards(paths[::2]), load_boards(paths[1::2], with_templates=False) if len(paths) > 1 else None
-    if alone is None:
-        return pairs
+    if len(paths) < 2:
+        return load_boards(paths)
+    pairs, alone = load_boards(paths[::2]), load_boards(paths[1::2], with_templates=False)
     return np.concatenate([pairs[0], alone[0]]), np.concatenate([pairs[1], alone[1]])
 
 

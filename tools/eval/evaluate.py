@@ -39,13 +39,13 @@ from tools.arguments import (
     validation_split,
 )
 from tools.client.pipeline_client import InferenceFailed, PipelineClient
-from tools.contract import ServedContract, load_repository, parameter, served_contract
+from tools.contract import ServedContract, served_contract
 from tools.data.deeppcb import Sample, read_grey
 from tools.data.misregistration import Misregistration
 from tools.data.splits import check_model_split, select_samples
 from tools.detections import Detections
 from tools.eval.report import EvaluationSetup, registration_summary, write_report
-from tools.pipeline_math import registration, tiling
+from tools.pipeline_math import registration, scan_windows, tiling
 from tools.serve.triton_server import serving
 
 LOW_SCORE_THRESHOLD = 0.001
@@ -67,11 +67,7 @@ def misregistered_templates(samples: Sequence[Sample], shift: float, angle: floa
 
 def tile_windows(width: int, height: int, contract: ServedContract, scans: bool):
     """The windows the served model registers a template in: the whole board, or the scan model's tiles."""
-    if not scans:
-        return [tiling.Window(0, 0, width, height)]
-    config = load_repository(contract.config_name, contract.models_root)[contract.scan_model]
-    size, overlap = int(parameter(config, "tile_size")), int(parameter(config, "tile_overlap"))
-    return tiling.tile_windows(height, width, size, overlap)
+    return scan_windows(height, width, contract) if scans else [tiling.Window(0, 0, width, height)]
 
 
 def expected_registrations(drift: Misregistration, width: int, height: int, windows) -> np.ndarray:

@@ -241,7 +241,7 @@ def preprocess_image_opencv(encoded: bytes, input_height: int, input_width: int,
     start = 0
     for plane in planes:
         if plane is None:  # letterboxing a plane of the fill gives the fill: skip the work
-            tensor[start] = np.float32(round(registration.fill)) / np.float32(255)
+            tensor[start] = np.float32(pad_value) / np.float32(255)
             start += 1
             continue
         _, geometry = letterbox_opencv(plane, input_height, input_width, pad_value,

@@ -35,14 +35,7 @@ class TritonPythonModel:
         import image_ops
         import registration
 
-        self.registration = image_ops.RegistrationSettings(
-            max_shift=float(parameters["registration_max_shift"]),
-            max_angle=float(parameters["registration_max_angle"]),
-            min_score=float(parameters["registration_min_score"]),
-            size_tolerance=int(parameters["template_size_tolerance"]),
-            scale=float(parameters["registration_scale"]),
-            fill=self.pad_value,
-        )
+        self.registration = registration.RegistrationSettings.from_parameters(parameters, self.pad_value)
         self.image_ops = image_ops
         self.xp = np
         self.preprocess_image = image_ops.preprocess_image_opencv

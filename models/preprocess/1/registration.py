@@ -45,6 +45,15 @@ class RegistrationSettings:
     scale: float  # ECC works on this fraction of full size
     fill: float  # grey level where the registered template has no pixels (the letterbox border fill)
 
+    @classmethod
+    def from_parameters(cls, parameters: dict, fill: float) -> "RegistrationSettings":
+        """From preprocess's config parameters (as strings, or as numbers), and the border fill."""
+        return cls(max_shift=float(parameters["registration_max_shift"]),
+                   max_angle=float(parameters["registration_max_angle"]),
+                   min_score=float(parameters["registration_min_score"]),
+                   size_tolerance=int(float(parameters["template_size_tolerance"])),
+                   scale=float(parameters["registration_scale"]), fill=fill)
+
 
 def rotation_about_centre(width: int, height: int, dx: float, dy: float, angle: float) -> np.ndarray:
     """The 2x3 affine map template pixel -> image pixel that (dx, dy, angle) describes."""

@@ -14,12 +14,12 @@ import cv2
 from tqdm import tqdm
 
 from tools.client.pipeline_client import PipelineClient
-from tools.contract import ServedContract, load_repository, parameter
+from tools.contract import ServedContract
 from tools.data.deeppcb import read_grey
 from tools.data.mosaic import stitch
 from tools.eval.benchmark.latency import percentiles_ms
 from tools.eval.benchmark.server_stats import snapshot, stage_breakdown, stage_models
-from tools.pipeline_math import tiling
+from tools.pipeline_math import scan_windows
 
 
 def boards_for_scan(side: int, board_side: int) -> int:
@@ -40,9 +40,7 @@ def stitched_scan(boards: list[Path], side: int) -> bytes:
 
 
 def tiles_per_scan(contract: ServedContract, height: int, width: int) -> int:
-    config = load_repository(contract.config_name, contract.models_root)[contract.scan_model]
-    size, overlap = int(parameter(config, "tile_size")), int(parameter(config, "tile_overlap"))
-    return len(tiling.tile_windows(height, width, size, overlap))
+    return len(scan_windows(height, width, contract))
 
 
 def time_scans(url: str, contract: ServedContract, scan: bytes, side: int, count: int, concurrency: int) -> dict:
