@@ -200,3 +200,13 @@ def test_write_annotated_takes_templates_made_in_memory(synthetic_boards, tmp_pa
     written = write_annotated([sample.image_path], [found([0, 0, 0, 0.9])], LABELS, tmp_path,
                               [sample.template_path.read_bytes()])
     assert cv2.imread(str(written[0])).shape[1] > 2 * 640
+
+
+def test_templates_in_the_images_folder_are_references_not_boards(tmp_path):
+    from tools.client.__main__ import find_templates
+
+    for name in ("X_test.png", "X_temp.png", "Y_test.png"):
+        (tmp_path / name).write_bytes(b"image")
+    boards, templates = find_templates(sorted(tmp_path.iterdir()), None, tmp_path)
+    assert [p.name for p in boards] == ["X_test.png", "Y_test.png"]
+    assert [t.name if t else None for t in templates] == ["X_temp.png", None]

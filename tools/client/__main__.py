@@ -29,13 +29,18 @@ from tools.data.deeppcb import template_path_for
 from tools.serve.triton_server import serving
 
 
-def find_templates(paths: list[Path], template: Path | None, templates_dir: Path | None) -> list[Path | None] | None:
-    """Each image's template (or None), from --template or --templates; None when neither was given."""
+def find_templates(paths: list[Path], template: Path | None,
+                   templates_dir: Path | None) -> tuple[list[Path], list[Path | None] | None]:
+    """(the images to inspect, each one's template or None) from --template or --templates; templates None when
+    neither was given. Templates found among the images (a DeepPCB folder holds both) are not inspected."""
     if template is not None:
-        return [template]
-    if templates_dir is not None:
-        return [template_path_for(path, templates_dir) for path in paths]
-    return None
+        return paths, [template]
+    if templates_dir is None:
+        return paths, None
+    found = {path.resolve(): template_path_for(path, templates_dir) for path in paths}
+    references = {t.resolve() for t in found.values() if t is not None}
+    boards = [path for path in paths if path.resolve() not in references]
+    return boards, [found[path.resolve()] for path in boards]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no such template file: {args.template}")
     if args.templates is not None and not args.templates.is_dir():
         parser.error(f"no such templates folder: {args.templates}")
-    templates = find_templates(paths, args.template, args.templates)
+    paths, templates = find_templates(paths, args.template, args.templates)
     contract = served_contract(models_root=args.model_repository)
     labels = read_labels(args.labels) if args.labels else contract.labels
     failures: dict[str, str] = {}
