@@ -46,12 +46,14 @@ def smooth_image(height: int, width: int, channels: int, seed: int = 0) -> np.nd
     return np.clip((blurred - blurred.mean()) * 4 + 128, 0, 255).astype(np.uint8)
 
 
-def run_letterbox(path, image: np.ndarray, pad_value: float = 114):
-    """(tensor, geometry) as NumPy arrays from one letterbox implementation (see LETTERBOX_PATHS)."""
+def run_letterbox(path, image: np.ndarray, pad_value: float = 114, dtype=np.float32):
+    """(tensor, geometry) as NumPy arrays from one letterbox implementation (see LETTERBOX_PATHS), the tensor
+    of the pixel type ``dtype``."""
     kind, xp = path
     if kind == "opencv":
-        return image_ops.letterbox_opencv(image, INPUT_SIZE, INPUT_SIZE, pad_value)
-    tensor, geometry = image_ops.letterbox(xp.asarray(image), INPUT_SIZE, INPUT_SIZE, pad_value, xp)
+        out = np.empty((image.shape[2], INPUT_SIZE, INPUT_SIZE), dtype=dtype)
+        return image_ops.letterbox_opencv(image, INPUT_SIZE, INPUT_SIZE, pad_value, out=out)
+    tensor, geometry = image_ops.letterbox(xp.asarray(image), INPUT_SIZE, INPUT_SIZE, pad_value, xp, dtype)
     return to_numpy(tensor), to_numpy(geometry)
 
 
@@ -131,10 +133,12 @@ def test_geometry_maps_points_back_to_sub_pixel_exactness(path, height, width):
     np.testing.assert_allclose((forward - [pad_x, pad_y]) / scale, points, atol=1e-3)
 
 
-def assert_same_letterbox(opencv, array, exact: bool) -> None:
-    """Same geometry, layout and border to the bit; pixels exactly equal or within RESIZE_TOLERANCE."""
+def assert_same_letterbox(opencv, array, exact: bool, dtype=np.float32) -> None:
+    """Same geometry, layout, pixel type and border to the bit; pixels exactly equal or within one grey level
+    (RESIZE_TOLERANCE in [0, 1])."""
     (tensor, geometry), (expected_tensor, expected_geometry) = opencv, array
-    assert tensor.shape == expected_tensor.shape and tensor.dtype == np.float32 and tensor.flags.c_contiguous
+    assert tensor.shape == expected_tensor.shape and tensor.flags.c_contiguous
+    assert tensor.dtype == expected_tensor.dtype == dtype
     np.testing.assert_array_equal(geometry, expected_geometry)
     assert geometry.dtype == np.float32
     _, pad_x, pad_y, width, height = (int(v) for v in expected_geometry)
@@ -145,17 +149,36 @@ def assert_same_letterbox(opencv, array, exact: bool) -> None:
     if exact:
         np.testing.assert_array_equal(tensor, expected_tensor)
     else:
-        np.testing.assert_allclose(tensor, expected_tensor, rtol=0, atol=RESIZE_TOLERANCE)
+        one_level = 1 if tensor.dtype == np.uint8 else RESIZE_TOLERANCE
+        np.testing.assert_allclose(tensor.astype(np.float32), expected_tensor.astype(np.float32), rtol=0, atol=one_level)
 
 
 @pytest.mark.parametrize("xp", ARRAY_MODULES)
+@pytest.mark.parametrize("dtype", image_ops.PIXEL_TYPES)
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("height,width", SIZES + UNSCALED_SIZES + STRIP_SIZES)
-def test_opencv_letterbox_matches_the_array_letterbox(xp, channels, height, width):
+def test_opencv_letterbox_matches_the_array_letterbox(xp, dtype, channels, height, width):
     """White noise: a sampling position off by any fraction of a pixel would move values far past the bound."""
     image = np.random.default_rng(height * 3 + width).integers(0, 256, (height, width, channels), dtype=np.uint8)
     unscaled = image_ops.letterbox_geometry(height, width, INPUT_SIZE, INPUT_SIZE)[0] == 1
-    assert_same_letterbox(run_letterbox(("opencv", np), image), run_letterbox(("array", xp), image), exact=unscaled)
+    assert_same_letterbox(run_letterbox(("opencv", np), image, dtype=dtype),
+                          run_letterbox(("array", xp), image, dtype=dtype), exact=unscaled, dtype=dtype)
+
+
+@pytest.mark.parametrize("path", LETTERBOX_PATHS)
+def test_uint8_pixels_are_the_float_pixels_times_255(path):
+    """The two pixel types carry the same letterbox: grey levels, or the same levels scaled to [0, 1]."""
+    image = smooth_image(480, 1280, 1)
+    grey, geometry = run_letterbox(path, image, dtype=np.uint8)
+    scaled, same_geometry = run_letterbox(path, image, dtype=np.float32)
+    np.testing.assert_array_equal(geometry, same_geometry)
+    np.testing.assert_allclose(scaled * 255, grey, rtol=0, atol=0.5 if path[0] == "array" else 1e-4)
+
+
+def test_only_uint8_and_float32_pixels_are_served():
+    with pytest.raises(ValueError, match="uint8.*float32.*float16"):
+        image_ops.letterbox_opencv(smooth_image(64, 64, 1), INPUT_SIZE, INPUT_SIZE, 114,
+                                   out=np.empty((1, INPUT_SIZE, INPUT_SIZE), np.float16))
 
 
 def test_opencv_letterbox_resizes_only_when_the_size_changes(monkeypatch):
@@ -177,9 +200,10 @@ def test_opencv_preprocess_matches_the_array_preprocess(xp, extension, channels,
     encoded = encode(board, extension)
     template = encode(board, ".png") if with_template else None  # registers onto the board with score ~1
     arguments = (encoded, INPUT_SIZE, INPUT_SIZE, channels, 114, 10**7, template, registration_settings())
-    array = tuple(to_numpy(a) for a in image_ops.preprocess_image(*arguments, xp=xp))
-    opencv = image_ops.preprocess_image_opencv(*arguments)
-    assert_same_letterbox(opencv[:2], array[:2], exact=(height, width) == (640, 640))
+    for dtype in image_ops.PIXEL_TYPES:
+        array = tuple(to_numpy(a) for a in image_ops.preprocess_image(*arguments, dtype=dtype, xp=xp))
+        opencv = image_ops.preprocess_image_opencv(*arguments, dtype=dtype)
+        assert_same_letterbox(opencv[:2], array[:2], exact=(height, width) == (640, 640), dtype=dtype)
     np.testing.assert_array_equal(opencv[2], array[2])  # the one registration, on the CPU for both
     assert opencv[0].shape[0] == channels and (opencv[2][3] > 0.9 if with_template else not opencv[2].any())
 
@@ -228,9 +252,10 @@ def test_preprocess_image_uses_the_served_settings():
     assert tensor.shape == (contract.channels, contract.input_height, contract.input_width)
     np.testing.assert_array_equal(geometry, [1, 0, 0, 640, 640])
     np.testing.assert_array_equal(registration, [0, 0, 0, 0])  # no template sent
-    np.testing.assert_allclose(tensor[0], image[..., 0] / np.float32(255), rtol=1e-6)
+    assert tensor.dtype == contract.pixel_type == np.uint8  # grey levels: the detector's graph scales them
+    np.testing.assert_array_equal(tensor[0], image[..., 0])
     if contract.channels == image_ops.TEMPLATE_CHANNELS:  # no template: the border fill throughout
-        np.testing.assert_array_equal(tensor[1], np.float32(contract.pad_value) / np.float32(255))
+        np.testing.assert_array_equal(tensor[1], np.full_like(tensor[1], contract.pad_value))
 
 
 # --- rejection of bad input -----------------------------------------------------------------------

@@ -72,10 +72,12 @@ def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {tensor: node for node in model.graph.node for tensor in node.output}
 
 
-def test_inputs_and_outputs_stay_float32_with_the_same_names_and_shapes(int8_model):
+def test_inputs_and_outputs_keep_their_names_types_and_shapes(int8_model):
+    """A drop-in for the CPU config's onnx_file: the served pixel type in (uint8), float32 detections out."""
     source = onnx.load(str(DEFAULT_SOURCE))
     assert io_signature(int8_model[0]) == io_signature(source)
-    assert [elem for _, elem, _ in io_signature(int8_model[0])] == [onnx.TensorProto.FLOAT] * 2
+    served_input = onnx.helper.np_dtype_to_tensor_dtype(served_contract().pixel_type)
+    assert [elem for _, elem, _ in io_signature(int8_model[0])] == [served_input, onnx.TensorProto.FLOAT]
 
 
 def test_feature_convolutions_are_int8_and_the_decode_tail_stays_fp32(int8_model):

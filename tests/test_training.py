@@ -112,6 +112,28 @@ def test_template_crops_carry_the_registered_template_or_the_no_template_fill(sy
     # The registration undoes the drift: without it the template would lie tens of pixels off.
     sampler.template_dropout = 0.0
     board, template = sampler.images[0], sampler.templates[0]
-    registered = sampler.registered_template(board, template)
+    registered, labelled = sampler.registered_template(board, template, synthetic_boards[0].boxes)
     inside = (slice(40, -40), slice(40, -40))
     assert np.abs(registered[inside].astype(int) - template[inside]).mean() < 8
+    assert labelled.all()  # no defect was made part of the design (designed_defects is 0)
+
+
+def test_designed_defects_are_copied_into_the_template_and_lose_their_label(synthetic_boards):
+    """A defect the template also shows is designed artwork: its pixels match the board's, it has no label;
+    the other defects keep their label and still differ from the template."""
+    sample = next(s for s in synthetic_boards if len(s.boxes) >= 2)
+    sampler = train_detector.CropSampler([sample], 160, template_fraction=0.0, seed=3, designed_defects=0.5)
+    board, template = sampler.images[0], sampler.templates[0]
+    for _ in range(20):
+        registered, labelled = sampler.registered_template(board, template, sample.boxes)
+        if labelled.any() and not labelled.all():
+            break
+    assert labelled.any() and not labelled.all()
+
+    def difference(box):
+        x1, y1, x2, y2 = np.round(box).astype(int)
+        return np.abs(board[y1:y2, x1:x2].astype(int) - registered[y1:y2, x1:x2]).mean()
+
+    # A designed defect differs from the board only by the registration's sub-pixel resampling of its edges.
+    assert max(difference(box) for box in sample.boxes[~labelled]) < 12
+    assert min(difference(box) for box in sample.boxes[labelled]) > 15

@@ -18,8 +18,10 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import triton_to_np_dtype
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_ROOT = REPO_ROOT / "models"
@@ -66,6 +68,11 @@ def tensor(tensors, name: str):
     raise KeyError(f"no tensor {name!r} among {[t.name for t in tensors]}")
 
 
+def numpy_dtype(data_type: int) -> np.dtype:
+    """The NumPy dtype of a config's ``data_type`` (TYPE_UINT8 -> uint8)."""
+    return np.dtype(triton_to_np_dtype(model_config_pb2.DataType.Name(data_type).removeprefix("TYPE_")))
+
+
 def read_labels(path: Path) -> tuple[str, ...]:
     """Class names, one per non-empty line, in class-id order."""
     return tuple(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
@@ -94,6 +101,7 @@ class ServedContract:
     detector_output: str
     geometry_output: str  # preprocess's letterbox geometry, read by postprocess
     channels: int
+    pixel_type: np.dtype  # of the detector input: uint8 grey levels (the graph scales them) or float32 in [0, 1]
     input_height: int
     input_width: int
     num_classes: int
@@ -173,6 +181,7 @@ def served_contract(config_name: str | None = None, models_root: Path = MODELS_R
         detector_output=detector_output,
         geometry_output=geometry_output,
         channels=channels,
+        pixel_type=numpy_dtype(tensor(preprocess.output, detector_input).data_type),
         input_height=height,
         input_width=width,
         num_classes=tensor(detector.output, detector_output).dims[0] - BOX_COORDINATES,

@@ -7,7 +7,7 @@ benchmarks see exactly what the CPU server computes (the GPU configs run the arr
 on CuPy; tests hold the two equal)::
 
     from tools.pipeline_math import preprocess_as_served, postprocess_as_served
-    tensor, geometry = preprocess_as_served(open("board.jpg", "rb").read())   # (1, 640, 640), (5,)
+    tensor, geometry, _ = preprocess_as_served(open("board.jpg", "rb").read())   # (2, 640, 640), (5,)
     num, boxes, scores, classes = postprocess_as_served(output0, geometry[None], score_threshold=0.001)
 """
 from __future__ import annotations
@@ -56,13 +56,14 @@ def scan_windows(height: int, width: int, contract: ServedContract | None = None
 
 
 def preprocess_as_served(encoded: bytes, template: bytes | None = None, contract: ServedContract | None = None):
-    """Encoded image (and template) bytes -> (tensor (C, H, W) float32 in [0, 1], geometry (5,) float32,
+    """Encoded image (and template) bytes -> (tensor (C, H, W) of the detector's pixel type (uint8 grey levels,
+    or float32 in [0, 1]), geometry (5,) float32,
     registration (4,) float32), as the CPU preprocess computes them. geometry = (scale, pad_x, pad_y,
     orig_width, orig_height); registration = (dx, dy, angle, score), zeros without a template. Raises
     ImageRejected or TemplateRejected for unusable input."""
     c = contract or served_contract()
     return image_ops.preprocess_image_opencv(encoded, c.input_height, c.input_width, c.channels, c.pad_value,
-                                             c.max_image_pixels, template, registration_settings(c))
+                                             c.max_image_pixels, template, registration_settings(c), c.pixel_type)
 
 
 def postprocess_as_served(pred, geometry, *, score_threshold: float | None = None,

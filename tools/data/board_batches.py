@@ -15,7 +15,7 @@ from tools.pipeline_math import preprocess_as_served
 
 
 def load_boards(paths: list[Path], with_templates: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(detector inputs [N, C, H, W] float32, letterbox geometry [N, 5]) of the given encoded image files,
+    """(detector inputs [N, C, H, W] of the served pixel type, letterbox geometry [N, 5]) of the given encoded files,
     each with its DeepPCB template (``tools.data.deeppcb.template_path_for``) when ``with_templates`` and it has
     one; without, as a request without a template is served."""
     if not paths:
@@ -25,7 +25,7 @@ def load_boards(paths: list[Path], with_templates: bool = True) -> tuple[np.ndar
         template = template_path_for(path) if with_templates else None
         inputs.append(preprocess_as_served(Path(path).read_bytes(), template.read_bytes() if template else None))
     tensors, geometries, _ = zip(*inputs)
-    return np.stack(tensors).astype(np.float32), np.stack(geometries).astype(np.float32)
+    return np.stack(tensors), np.stack(geometries).astype(np.float32)
 
 
 def load_mixed_boards(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:

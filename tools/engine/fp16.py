@@ -10,7 +10,8 @@ measured on calibration data, exceed ``data_max`` (FP16 holds at most 65504 and 
 On top of AutoCast's own rule this tool keeps the whole decode tail in FP32: the output convolutions and
 every node after them (exp/softplus/sigmoid, grid offsets, stride scaling, concat). Box coordinates there reach 640
 pixels, where FP16's spacing is 0.5 px, and widths times heights reach 640 * 640, beyond FP16's range; the
-tail is cheap element-wise work, so FP32 costs nothing that matters. The input and output stay float32
+tail is cheap element-wise work, so FP32 costs nothing that matters. The input (uint8 grey levels, which
+the graph's first Cast takes, as TensorRT requires of a uint8 input) and the float32 output keep their types
 (``keep_io_types``), so the engine is a drop-in replacement in the Triton model configuration.
 
 Calibration uses real boards (held-out DeepPCB images, preprocessed by the served ``preprocess_image``);

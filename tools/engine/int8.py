@@ -14,8 +14,9 @@ on the 150 validation boards, and larger outliers against FP32).
 
 The decode tail stays in FP32 (``nodes_to_exclude``): the output convolutions and every node after them
 (softplus, grid offsets, stride scaling, concat), found as in tools.engine.fp16. Box coordinates there reach
-640 px, where 8 bits would leave 2.5 px steps, and the tail is cheap element-wise work. The input and output
-stay float32 with the same names and shapes, so the file is a drop-in for the CPU config's ``onnx_file``.
+640 px, where 8 bits would leave 2.5 px steps, and the tail is cheap element-wise work. The input (uint8 grey
+levels, cast and scaled in the graph) and the float32 output keep their names, types and shapes, so the file
+is a drop-in for the CPU config's ``onnx_file``.
 
 INT8 moves outputs more than FP16, so the check uses wider tolerances (``INT8_*`` below) than
 tools.engine.agreement's defaults, and it judges the raw output by the share of elements outside them:

@@ -2,7 +2,8 @@
 
     python -m tools.train.export --weights runs/detector/detector.pt --out models/pcb_defect_detector/1/model.onnx
 
-The graph has the served detector's input (``images`` [B, C, H, W], float in [0,1], dynamic batch) and
+The graph has the served detector's input (``images`` [B, C, H, W], dynamic batch, of the served pixel type:
+uint8 grey levels, which the graph's first nodes cast and divide by 255 as training did, or float in [0, 1]) and
 output (``output0`` [B, 4 + num_classes, N]: cx, cy, w, h in input pixels, then sigmoid class scores), named
 and sized as the configs say (tools.contract). The training split travels into the metadata. Before writing,
 the ONNX Runtime outputs are compared with PyTorch's on boards held out of training.
@@ -40,13 +41,27 @@ def load_detector(weights: Path) -> tuple[PcbDefectDetector, str]:
     return model.eval(), checkpoint["validation_split"]
 
 
+class ServedPixels(torch.nn.Module):
+    """The network behind the served pixel type: uint8 grey levels are cast and scaled to [0, 1] in the graph
+    (the float the network trained on), so preprocess sends a quarter of the bytes; float passes through."""
+
+    def __init__(self, network: PcbDefectDetector):
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            images = images.to(torch.float32) / 255
+        return self.network(images)
+
+
 def export(model: PcbDefectDetector, split_record: str, out: Path) -> None:
     size = CONTRACT.input_size
-    example = torch.zeros(1, model.in_channels, size, size)
+    example = torch.zeros(1, model.in_channels, size, size, dtype=getattr(torch, CONTRACT.pixel_type.name))
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         torch.onnx.export(
-            model,
+            ServedPixels(model).eval(),  # export restores the mode it found: eval, as the network is
             (example,),
             str(raw),
             dynamo=False,
@@ -82,7 +97,7 @@ def check_against_torch(model: PcbDefectDetector, onnx_path: Path, images: np.nd
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     onnx_out = session.run([CONTRACT.detector_output], {CONTRACT.detector_input: images})[0]
     with torch.no_grad():
-        torch_out = model(torch.from_numpy(images)).numpy()
+        torch_out = ServedPixels(model)(torch.from_numpy(images)).numpy()
     worst = float(np.abs(onnx_out - torch_out).max())
     if worst > atol:
         raise RuntimeError(f"ONNX Runtime output differs from PyTorch by {worst:.2e} (> {atol:.0e})")

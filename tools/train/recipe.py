@@ -15,7 +15,10 @@ A detector whose input has 2 channels (the served config says) sees the board an
 each template is first moved off the board by a random shift and rotation (``--misregister-shift``,
 ``--misregister-angle``: line-scan drift) and brought back by the served registration, so the detector learns
 the registration's residual error; ``--template-dropout`` of the samples get the served "no template" fill
-instead, so requests without a template keep working.
+instead, so requests without a template keep working. And ``--designed-defects`` of the labelled defects
+of a sample that keeps its template are copied into the template too and lose their label: a defect-shaped
+feature that the template also has is designed artwork, which teaches the detector to report differences from
+the template rather than shapes it has learnt (the false alarms on board designs it never saw).
 """
 from __future__ import annotations
 
@@ -90,6 +93,17 @@ def detector_pixels(image: np.ndarray, template: np.ndarray | None) -> np.ndarra
     return np.dstack([image, template])
 
 
+def with_designed_defects(image: np.ndarray, template: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """The template with the image's pixels inside ``boxes`` (x1 y1 x2 y2, widened to whole pixels) copied in."""
+    designed = template.copy()
+    height, width = image.shape[:2]
+    for x1, y1, x2, y2 in boxes:
+        rows = slice(max(int(np.floor(y1)), 0), min(int(np.ceil(y2)), height))
+        cols = slice(max(int(np.floor(x1)), 0), min(int(np.ceil(x2)), width))
+        designed[rows, cols] = image[rows, cols]
+    return designed
+
+
 def to_tensor(pixels: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(pixels).transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
 
@@ -100,7 +114,8 @@ class CropSampler:
     ``template_dropout`` share) the no-template fill."""
 
     def __init__(self, samples: list[Sample], crop: int, template_fraction: float, seed: int,
-                 template_dropout: float = 0.0, misregister_shift: float = 0.0, misregister_angle: float = 0.0):
+                 template_dropout: float = 0.0, misregister_shift: float = 0.0, misregister_angle: float = 0.0,
+                 designed_defects: float = 0.0):
         self.samples = samples
         self.images = [read_grey(s.image_path) for s in tqdm(samples, desc="loading boards", leave=False)]
         self.templates = [read_grey(s.template_path) if s.template_path.exists() else None for s in samples]
@@ -108,21 +123,30 @@ class CropSampler:
         self.template_fraction = template_fraction
         self.template_dropout = template_dropout
         self.misregister_shift, self.misregister_angle = misregister_shift, misregister_angle
+        self.designed_defects = designed_defects
         self.settings = registration_settings()
         self.rng = np.random.default_rng(seed)
 
-    def registered_template(self, image: np.ndarray, template: np.ndarray | None) -> np.ndarray | None:
-        """The template after a random drift and the served registration; None (no template) for a
-        ``template_dropout`` share, when there is none, or when the registration refuses it."""
+    def registered_template(self, image: np.ndarray, template: np.ndarray | None,
+                            boxes: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """(template, which boxes keep their label). The template after a random drift and the served
+        registration, with a ``designed_defects`` share of the boxes copied in from the image (those lose their
+        label); None (no template, every label kept) for a ``template_dropout`` share, when there is none, or
+        when the registration refuses it."""
+        every_label = np.ones(len(boxes), dtype=bool)
         if template is None or served_contract().channels != image_ops.TEMPLATE_CHANNELS:
-            return None
+            return None, every_label
         if self.rng.random() < self.template_dropout:
-            return None
+            return None, every_label
+        designed = self.rng.random(len(boxes)) < self.designed_defects
+        if designed.any():
+            template = with_designed_defects(image, template, boxes[designed])
         drift = Misregistration.random(self.rng, self.misregister_shift, self.misregister_angle)
         try:
-            return registration.register_template(image, drift.apply(template, self.settings.fill), self.settings)[0]
+            registered = registration.register_template(image, drift.apply(template, self.settings.fill), self.settings)
         except TemplateRejected:
-            return None
+            return None, every_label
+        return registered[0], ~designed
 
     def batch(self, size: int):
         images, targets = [], []
@@ -132,7 +156,9 @@ class CropSampler:
             boxes, classes = sample.boxes, sample.classes
             if template is not None and self.rng.random() < self.template_fraction:
                 image, boxes, classes = template, boxes[:0], classes[:0]
-            pixels = detector_pixels(image, self.registered_template(image, template))
+            registered, labelled = self.registered_template(image, template, boxes)
+            pixels = detector_pixels(image, registered)
+            boxes, classes = boxes[labelled], classes[labelled]
             crop, boxes, classes = random_crop(pixels, boxes, classes, self.crop, self.rng)
             crop, boxes = flip_rotate(crop, boxes, self.rng)
             images.append(crop)
@@ -236,7 +262,7 @@ def train(args: argparse.Namespace) -> Path:
     # The split, and the list it divided, travel with the weights: tools that must not see training boards check it.
     split_json = split_record(split, Path(args.data) / args.list)
     sampler = CropSampler(train_samples, args.crop, args.template_fraction, args.seed, args.template_dropout,
-                          args.misregister_shift, args.misregister_angle)
+                          args.misregister_shift, args.misregister_angle, args.designed_defects)
 
     model = PcbDefectDetector(num_classes=len(CLASS_NAMES), in_channels=served_contract().channels)
     ema = AveragedModel(model, avg_fn=ramped_ema(args.ema_decay), use_buffers=True)
@@ -324,6 +350,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="templates drift by up to this many pixels before registration")
     parser.add_argument("--misregister-angle", type=float, default=1.0,
                         help="and turn by up to this many degrees")
+    parser.add_argument("--designed-defects", type=float, default=0.25,
+                        help="share of the defects copied into their (kept) template, unlabelled: designed artwork")
     parser.add_argument("--val-every", type=int, default=6, help="epochs between validation losses")
     parser.add_argument("--seed", type=int, default=0, help="seeds the crops, augmentation and initial weights")
     parser.add_argument("--limit", type=int, default=0, help="use only N samples, taken from each group in turn (smoke runs)")

@@ -33,7 +33,8 @@ class TritonPythonModel:
         if self.restart_counts is not None:
             self.restart_counts.refresh()
         batches = [pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy() for request in requests]
-        predictions = self.session.run([self.output_name], {self.input_name: np.concatenate(batches)})[0]
+        images = batches[0] if len(batches) == 1 else np.concatenate(batches)  # a lone request: no copy
+        predictions = self.session.run([self.output_name], {self.input_name: images})[0]
         ends = np.cumsum([len(batch) for batch in batches])
         return [
             pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, part)])

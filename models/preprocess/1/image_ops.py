@@ -1,8 +1,8 @@
 """Turning one encoded image into the detector's input tensor.
 
 Decoding runs on the CPU (Pillow reads the header, OpenCV decodes the pixels), and so does registering a
-template onto the image (registration.py). Letterboxing (resize, pad,
-scale to [0, 1]) has two implementations with the same geometry: ``letterbox_opencv`` for CPU instances
+template onto the image (registration.py). Letterboxing (resize, pad, and the detector input's pixel type)
+has two implementations with the same geometry: ``letterbox_opencv`` for CPU instances
 (OpenCV's resize and border, a fraction of a millisecond per board) and array code written once for NumPy
 and CuPy for GPU instances (every function taking ``xp`` runs unchanged on either).
 
@@ -10,6 +10,10 @@ Channel layout (the detector input's channel count C decides it): C = 1 grey ima
 Ultralytics detector); C = 2 grey image, then the board's registered template in grey, or the border fill
 throughout when the request sent none. With C = 1 or 3 a template is still decoded, checked and registered
 (the REGISTRATION output), but the detector does not see it.
+
+Pixel type (the detector input's data type decides it): uint8 keeps the grey levels 0-255 (the detector's
+graph scales them: a quarter of the bytes between the pipeline's steps); float32 scales them to [0, 1] (an
+Ultralytics detector). ``PIXEL_TYPES`` lists both.
 
 Geometry convention: a point at ``x`` in original pixels lands at ``x * scale + pad_x`` in the detector
 input (continuous coordinates, pixel edges at integers), so ``x = (x_in - pad_x) / scale`` maps it back.
@@ -35,6 +39,7 @@ _HEADER_READERS = (
 SUPPORTED_CHANNELS = (1, 3)  # decoded image channels
 TEMPLATE_CHANNELS = 2  # a detector input of this many channels takes the grey image and the registered template
 NO_REGISTRATION = np.zeros(4, dtype=np.float32)  # REGISTRATION when no template was sent
+PIXEL_TYPES = ("uint8", "float32")  # the detector input's: grey levels as decoded, or scaled to [0, 1]
 # The first bytes of each format read here: data starting like one of them but unreadable is cut short.
 _SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"BM", b"II*\x00", b"MM\x00*")
 
@@ -143,11 +148,19 @@ def resize_bilinear(image, scale: float, out_height: int, out_width: int, xp):
     return left + (rows[:, col_hi] - left) * col_weight[None, :, None]
 
 
-def letterbox(image, input_height: int, input_width: int, pad_value: float, xp):
+def pixel_type(dtype) -> np.dtype:
+    """The detector input's pixel type as a NumPy dtype; ValueError for one not in PIXEL_TYPES."""
+    if np.dtype(dtype).name not in PIXEL_TYPES:
+        raise ValueError(f"the detector input must be one of {PIXEL_TYPES}, got {np.dtype(dtype).name}")
+    return np.dtype(dtype)
+
+
+def letterbox(image, input_height: int, input_width: int, pad_value: float, xp, dtype=np.float32):
     """Letterbox an (H, W, C) uint8 array into the detector input.
 
-    Returns (tensor, geometry): tensor is (C, input_height, input_width) float32 in [0, 1] with the
-    border filled with ``pad_value / 255``; geometry is float32 (scale, pad_x, pad_y, orig_width, orig_height).
+    Returns (tensor, geometry): tensor is (C, input_height, input_width) of the pixel type ``dtype`` (uint8
+    grey levels, or float32 in [0, 1]) with the border filled with ``pad_value`` (``pad_value / 255``);
+    geometry is float32 (scale, pad_x, pad_y, orig_width, orig_height).
     """
     height, width, channels = image.shape
     scale, pad_x, pad_y, resized_width, resized_height = letterbox_geometry(height, width, input_height, input_width)
@@ -155,7 +168,10 @@ def letterbox(image, input_height: int, input_width: int, pad_value: float, xp):
     canvas[pad_y : pad_y + resized_height, pad_x : pad_x + resized_width] = resize_bilinear(
         image, scale, resized_height, resized_width, xp
     )
-    tensor = xp.ascontiguousarray(canvas.transpose(2, 0, 1) / 255)
+    if pixel_type(dtype).name == "uint8":  # bilinear values stay within 0-255: rounding is all it takes
+        tensor = xp.ascontiguousarray(xp.rint(canvas.transpose(2, 0, 1)).astype(xp.uint8))
+    else:
+        tensor = xp.ascontiguousarray(canvas.transpose(2, 0, 1) / 255)
     geometry = xp.asarray([scale, pad_x, pad_y, width, height], dtype=xp.float32)
     return tensor, geometry
 
@@ -181,7 +197,8 @@ def letterbox_opencv(image: np.ndarray, input_height: int, input_width: int, pad
     """``letterbox`` for CPU instances, on OpenCV: the same geometry, layout and border (``pad_value`` a whole
     grey level, as the pixels are), exactly the same values when no resize is needed, within one grey level
     otherwise (OpenCV resizes uint8 with fixed-point weights and rounds to whole grey levels; the array code
-    stays in float32). ``out``: the (channels, input_height, input_width) float32 array to write the tensor to.
+    stays in float32). ``out``: the (channels, input_height, input_width) array to write the tensor to, of the
+    pixel type (uint8 grey levels, or float32 in [0, 1]); a new float32 one when None.
     """
     height, width, channels = image.shape
     scale, pad_x, pad_y, resized_width, resized_height = letterbox_geometry(height, width, input_height, input_width)
@@ -193,7 +210,11 @@ def letterbox_opencv(image: np.ndarray, input_height: int, input_width: int, pad
         cv2.BORDER_CONSTANT, value=(pad_value,) * 4,  # a Scalar per channel: a lone number fills channel 0 only
     )
     tensor = np.empty((channels, input_height, input_width), dtype=np.float32) if out is None else out
-    np.divide(padded.reshape(input_height, input_width, channels).transpose(2, 0, 1), np.float32(255), out=tensor)
+    planar = padded.reshape(input_height, input_width, channels).transpose(2, 0, 1)
+    if pixel_type(tensor.dtype) == np.uint8:
+        tensor[...] = planar
+    else:
+        np.divide(planar, np.float32(255), out=tensor)
     geometry = np.asarray([scale, pad_x, pad_y, width, height], dtype=np.float32)
     return tensor, geometry
 
@@ -233,15 +254,15 @@ def board_pixels(encoded: bytes, encoded_template: bytes | None, channels: int, 
 
 def preprocess_image_opencv(encoded: bytes, input_height: int, input_width: int, channels: int, pad_value: float,
                             max_pixels: int, template: bytes | None = None,
-                            registration: RegistrationSettings | None = None):
+                            registration: RegistrationSettings | None = None, dtype=np.float32):
     """``preprocess_image`` for CPU instances: decode and letterbox with OpenCV (see ``letterbox_opencv``),
     plane by plane (OpenCV is fastest on contiguous planes); a missing template's plane is the fill itself."""
     planes, found = board_planes(encoded, template, channels, max_pixels, registration)
-    tensor = np.empty((channels, input_height, input_width), dtype=np.float32)
+    tensor = np.empty((channels, input_height, input_width), dtype=pixel_type(dtype))
     start = 0
     for plane in planes:
         if plane is None:  # letterboxing a plane of the fill gives the fill: skip the work
-            tensor[start] = np.float32(pad_value) / np.float32(255)
+            tensor[start] = pad_value if tensor.dtype == np.uint8 else np.float32(pad_value) / np.float32(255)
             start += 1
             continue
         _, geometry = letterbox_opencv(plane, input_height, input_width, pad_value,
@@ -252,8 +273,8 @@ def preprocess_image_opencv(encoded: bytes, input_height: int, input_width: int,
 
 def preprocess_image(encoded: bytes, input_height: int, input_width: int, channels: int, pad_value: float,
                      max_pixels: int, template: bytes | None = None, registration: RegistrationSettings | None = None,
-                     xp=np):
+                     dtype=np.float32, xp=np):
     """Decode (and register) on the CPU, move the pixels to ``xp``'s device and letterbox them there (see
     ``letterbox``). Returns (tensor, geometry, registration), the last on the CPU."""
     pixels, found = board_pixels(encoded, template, channels, max_pixels, registration)
-    return (*letterbox(xp.asarray(pixels), input_height, input_width, pad_value, xp), found)
+    return (*letterbox(xp.asarray(pixels), input_height, input_width, pad_value, xp, dtype), found)

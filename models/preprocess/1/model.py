@@ -1,7 +1,8 @@
 """Triton glue for preprocess: encoded IMAGE (and optional TEMPLATE) bytes -> letterboxed `images`,
 `LETTERBOX` geometry and the template's `REGISTRATION`.
 
-The input size and channel layout come from the `images` output dims; `pad_value`, `max_image_pixels` and the
+The input size and channel layout come from the `images` output dims, the pixel type from its data type
+(TYPE_UINT8 grey levels, which the detector's graph scales; TYPE_FP32 in [0, 1] for an Ultralytics detector); `pad_value`, `max_image_pixels` and the
 registration settings (`registration_*`, `template_size_tolerance`) from the config parameters. CPU instances
 letterbox with OpenCV (image_ops.preprocess_image_opencv), GPU
 instances with the array code on CuPy (image_ops.preprocess_image); both are in image_ops.py beside this file.
@@ -27,8 +28,10 @@ class TritonPythonModel:
             raise ValueError(f"pad_value must be a whole grey level from 0 to 255, got {parameters['pad_value']!r}")
         self.max_image_pixels = int(parameters["max_image_pixels"])
         self.uncounted_parameter = parameters["uncounted_parameter"]
-        channels, height, width = pb_utils.get_output_config_by_name(config, "images")["dims"]
+        images_config = pb_utils.get_output_config_by_name(config, "images")
+        channels, height, width = images_config["dims"]
         self.channels, self.input_height, self.input_width = int(channels), int(height), int(width)
+        self.pixel_type = pb_utils.triton_string_to_numpy(images_config["data_type"])
 
         # OpenCV reads its decoder pixel limit once, at its first import: set it from the config before that.
         os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(self.max_image_pixels)
@@ -73,7 +76,7 @@ class TritonPythonModel:
             try:
                 tensor, geometry, registration = self.preprocess_image(
                     encoded, self.input_height, self.input_width, self.channels, self.pad_value,
-                    self.max_image_pixels, template, self.registration,
+                    self.max_image_pixels, template, self.registration, dtype=self.pixel_type,
                 )
             except self.image_ops.ImageRejected as exc:
                 return self._refuse(request, exc.reason, f"IMAGE[{index}]: {exc}")

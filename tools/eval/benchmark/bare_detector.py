@@ -51,8 +51,11 @@ def time_bare_detector(detector: ServedDetector, boards: list[Path], batch_sizes
     """Latency per batch size over ``runs`` timed runs after ``warmup``; batches cycle through ``boards``."""
     session = open_session(detector)
     model_input = session.get_inputs()[0]
-    # A detector of fewer channels (another model compared in the same run) takes the board channel(s) only.
+    # A detector of fewer channels (another model compared in the same run) takes the board channel(s) only,
+    # and one with a float input the pixels in [0, 1].
     inputs = load_boards(boards)[0][:, : model_input.shape[1]]
+    if model_input.type == "tensor(float)" and inputs.dtype == np.uint8:
+        inputs = inputs.astype(np.float32) / np.float32(255)
     input_name = model_input.name
     results = []
     for batch in batch_sizes:
