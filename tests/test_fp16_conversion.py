@@ -62,10 +62,13 @@ def io_signature(model: onnx.ModelProto):
     ]
 
 
-def test_inputs_and_outputs_stay_float32_with_the_same_names_and_shapes(converted):
+def test_inputs_and_outputs_keep_their_names_types_and_shapes(converted):
+    """The served pixel type in (uint8, straight into a Cast as TensorRT requires), float32 detections out."""
     source = onnx.load(str(DEFAULT_SOURCE))
     assert io_signature(converted[0]) == io_signature(source)
-    assert [elem for _, elem, _ in io_signature(converted[0])] == [FP32, FP32]
+    assert [elem for _, elem, _ in io_signature(converted[0])] == [onnx.TensorProto.UINT8, FP32]
+    (first,) = [node for node in converted[0].graph.node if source.graph.input[0].name in node.input]
+    assert first.op_type == "Cast"
 
 
 def test_feature_layers_run_in_fp16_and_the_decode_tail_in_fp32(converted):

@@ -99,10 +99,13 @@ def test_gpu_and_cpu_variants_have_the_same_interface(model):
     assert default.max_batch_size == cpu.max_batch_size
 
 
+@pytest.mark.parametrize("onnx_file", ["model.onnx", "model.fp16.onnx", "model.int8.onnx"])
 @pytest.mark.parametrize("config_name", CONFIG_NAMES, ids=CONFIG_IDS)
-def test_detector_config_matches_the_onnx_model(config_name):
+def test_detector_config_matches_the_onnx_model(config_name, onnx_file):
+    """Every build (FP32, the FP16 graph engines are built from, the CPU config's INT8) takes the pixel type
+    and shapes the configs declare."""
     detector = load_repository(config_name)[DETECTOR]
-    onnx_inputs, onnx_outputs = onnx_io(CONTRACT.detector_onnx)
+    onnx_inputs, onnx_outputs = onnx_io(CONTRACT.detector_version_dir / onnx_file)
     for config_tensors, onnx_tensors in ((detector.input, onnx_inputs), (detector.output, onnx_outputs)):
         assert set(tensor_specs(config_tensors)) == set(onnx_tensors)
         for name, (data_type, dims) in tensor_specs(config_tensors).items():
