@@ -76,11 +76,15 @@ def test_report_compares_with_the_targets():
               **{f"{phase}_ms": 1.0 for phase in PHASES}}
     row = {"concurrency": 2, "throughput_per_s": 600.0, "p50_ms": 20.0, "p90_ms": 40.0, "p99_ms": 120.0,
            "meets_throughput_target": True, "meets_p50_target": True, "meets_p99_target": False,
-           "stages": {CONTRACT.detector_model: stages}}
+           "stages": {CONTRACT.detector_model: stages},
+           "cpu": {"available": True, "inferences": 4, "serving_core_ms_per_inference": 16.0,
+                   "core_ms_per_inference": {"load generator": 4.0, "tritonserver": 6.0,
+                                             f"{CONTRACT.detector_model} stub": 10.0}}}
     report = {
         "machine": {"cpus": 2, "gpu": False},
         "pipeline": {"tool": "perf_analyzer", "note": "", "url": "x", "model": CONTRACT.pipeline_model,
-                     "stage_models": [CONTRACT.detector_model], "boards": 4, "score_threshold": None,
+                     "stage_models": [CONTRACT.detector_model], "detector_model": CONTRACT.detector_model,
+                     "boards": 4, "score_threshold": None,
                      "default_score_threshold": CONTRACT.score_threshold,
                      "measurement": {"window_ms": 2000, "max_trials": 4, "stability_percent": 10.0},
                      "targets": {"throughput_per_s": 500.0, "p50_ms": 50.0, "p99_ms": 100.0}, "results": [row]},
@@ -89,6 +93,16 @@ def test_report_compares_with_the_targets():
     assert "| 2 | 600.0 | 20.0 | 40.0 | 120.0 | throughput, p50 |" in text
     assert "The GPU design targets are not met here." in text
     assert f"| 2 | {CONTRACT.detector_model} | 4 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 9.00 |" in text
+    # 2 cores: 2000 core-ms/s over 16 core-ms per inference serving alone, over 20 with the load generator
+    assert "| 2 | 600.0 | 4.00 | 6.00 | 10.00 | 16.00 | 125/s | 100/s |" in text
+
+    bare = {"model": "m.onnx", "onnxruntime": "x", "intra_op_threads": 2, "timed_runs": 1, "warmup_runs": 0,
+            "boards": 4, "results": [{"batch": 4, "p50_ms_per_batch": 20.0, "p90_ms_per_batch": 20.0,
+                                      "p50_ms_per_image": 5.0, "p90_ms_per_image": 5.0,
+                                      "images_per_s_at_p50": 200.0, "core_ms_per_image": 8.0}]}
+    text = markdown_report({**report, "bare_detector": bare})
+    # the rest of the serving (16 - 10 = 6 core-ms) on top of the bare 8: 2000 / 14 = 143/s, 0.71 of 200/s
+    assert "the rest of the serving 6.00 core-ms per inference" in text and "at 0.71 of the bare" in text
 
 
 def test_benchmark_all_parts_against_the_live_server(triton_server, deeppcb_root, tmp_path):
@@ -111,6 +125,13 @@ def test_benchmark_all_parts_against_the_live_server(triton_server, deeppcb_root
     for row in pipeline["results"]:
         assert set(row["stages"]) == set(models)
         assert all(row["stages"][model]["requests"] > 0 for model in models)
+        cpu = row["cpu"]
+        assert cpu["available"], cpu.get("reason")
+        assert cpu["inferences"] == row["stages"][CONTRACT.pipeline_model]["requests"]
+        assert {"tritonserver", "load generator", *(f"{model} stub" for model in models[:3])} <= set(
+            cpu["core_ms_per_inference"])
+        assert cpu["core_ms_per_inference"][f"{CONTRACT.detector_model} stub"] > 0
+    assert all(r["core_ms_per_image"] > 0 for r in bare["results"])
 
     assert None not in report["comparison"].values()
 
@@ -125,5 +146,5 @@ def test_benchmark_all_parts_against_the_live_server(triton_server, deeppcb_root
     assert (tmp_path / PLOT_FILE).stat().st_size > 0
     text = (tmp_path / "benchmark.md").read_text()
     for heading in ("## Detector alone", "## End to end", "## Pipeline against the bare detector",
-                    "## Where the time goes", "## Resident memory"):
+                    "## Where the time goes", "## Where the CPU goes", "## Resident memory"):
         assert heading in text

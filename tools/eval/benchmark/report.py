@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+from tools.eval.benchmark.cpu_time import LOAD_GENERATOR, ceiling_per_s, stub_group
 from tools.eval.benchmark.plot import plot_latency_throughput
 
 PLOT_FILE = "latency_throughput.png"
@@ -160,6 +161,47 @@ def stages_section(pipeline: dict) -> list[str]:
     return lines + [""]
 
 
+def cpu_section(pipeline: dict, machine: dict, bare: dict | None) -> list[str]:
+    """CPU time per inference by process at each level, and the ceiling it puts on a CPU-bound machine."""
+    rows = [r for r in pipeline["results"] if r.get("cpu", {}).get("available")]
+    lines = ["## Where the CPU goes", ""]
+    if not rows:
+        reasons = {r["cpu"]["reason"] for r in pipeline["results"] if "cpu" in r} or {"no level recorded it"}
+        return lines + [f"Not measured: {'; '.join(sorted(reasons))}.", ""]
+    cores = machine["cpus"]
+    groups = list(rows[0]["cpu"]["core_ms_per_inference"])
+    lines += [
+        f"CPU time (user + system, from /proc) of each process over each concurrency level, in core-milliseconds "
+        f"per inference answered. Every process here shares the {cores} cores, so a cost of T core-ms per "
+        f"inference caps the throughput at {cores} x 1000 / T per second (the ceilings below); the load generator "
+        "(perf_analyzer or the Python client) takes its share of the same cores, which clients on other machines "
+        "would not.",
+        "",
+        "| concurrency | inferences/s | " + " | ".join(groups) + " | serving total | ceiling, serving alone "
+        "| ceiling, with the load generator |",
+        "|---:|---:|" + "---:|" * (len(groups) + 3),
+    ]
+    for r in rows:
+        cost = r["cpu"]["core_ms_per_inference"]
+        serving = r["cpu"]["serving_core_ms_per_inference"]
+        lines.append(f"| {r['concurrency']} | {r['throughput_per_s']:.1f} | "
+                     + " | ".join(f"{cost[g]:.2f}" for g in groups)
+                     + f" | {serving:.2f} | {ceiling_per_s(serving, cores):.0f}/s "
+                     f"| {ceiling_per_s(serving + cost[LOAD_GENERATOR], cores):.0f}/s |")
+    if bare is not None:
+        best = max(bare["results"], key=lambda r: r["images_per_s_at_p50"])
+        peak = max(rows, key=lambda r: r["throughput_per_s"])
+        detector = peak["cpu"]["core_ms_per_inference"].get(stub_group(pipeline["detector_model"]), 0.0)
+        other = peak["cpu"]["serving_core_ms_per_inference"] - detector
+        lines += ["", f"The bare detector spends {best['core_ms_per_image']:.2f} core-ms per image at batch "
+                  f"{best['batch']} (its best throughput). At the pipeline's peak (concurrency {peak['concurrency']}) "
+                  f"the detector's stub spends {detector:.2f} and the rest of the serving {other:.2f} core-ms per "
+                  f"inference: even with the detector at its bare cost, that rest alone caps the pipeline at "
+                  f"{ceiling_per_s(best['core_ms_per_image'] + other, cores) / best['images_per_s_at_p50']:.2f} of the "
+                  f"bare throughput on {cores} cores, before the load generator's share."]
+    return lines + [""]
+
+
 def memory_section(memory: dict) -> list[str]:
     lines = ["## Resident memory of the serving processes", ""]
     if not memory["available"]:
@@ -212,6 +254,7 @@ def markdown_report(report: dict) -> str:
         lines += comparison_section(report["comparison"])
     if "pipeline" in report:
         lines += stages_section(report["pipeline"])
+        lines += cpu_section(report["pipeline"], machine, report.get("bare_detector"))
     if "scans" in report:
         lines += scans_section(report["scans"])
     if "memory" in report:

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tools.contract import ServedContract
+from tools.eval.benchmark.cpu_time import CpuMeter
 from tools.eval.benchmark.perf_analyzer import Measurement, PerfAnalyzer, PerfAnalyzerUnavailable
 from tools.eval.benchmark.python_client import PythonClientLoad
 from tools.eval.benchmark.server_stats import snapshot, stage_breakdown, stage_models
@@ -19,13 +20,17 @@ CLIENTS = ("perf_analyzer", "python")  # --client: perf_analyzer (the Python cli
 
 
 def measure_levels(load, url: str, models: list[str], concurrency: list[int]) -> list[dict]:
-    """One row per concurrency level: the load generator's figures and the per-model statistics deltas."""
+    """One row per concurrency level: the load generator's figures, the per-model statistics deltas and the CPU
+    time per inference of each process (the last of ``models`` is the pipeline: its requests are the inferences)."""
     rows = []
     with load:
+        meter = CpuMeter(url)  # once the load is up: a server started for the run has its stubs by now
         for level in concurrency:
             before = snapshot(url, models)
+            meter.start()
             row = load.measure(level)
             row["stages"] = stage_breakdown(before, snapshot(url, models))
+            row["cpu"] = meter.stop(row["stages"][models[-1]]["requests"])
             rows.append(row)
     return rows
 
@@ -62,6 +67,7 @@ def pipeline_sweep(url: str, contract: ServedContract, boards: list[Path], concu
         "url": url,
         "model": contract.pipeline_model,
         "stage_models": models,
+        "detector_model": contract.detector_model,
         "boards": len(boards),
         "score_threshold": score_threshold,
         "with_templates": with_templates,
