@@ -14,16 +14,17 @@ from tritonclient.utils import InferenceServerException
 
 from tests.encoded_images import png_declaring
 from tools.client.pipeline_client import encoded_images_array
-from tools.contract import served_contract
+from tools.contract import load_repository, parameter, served_contract
 from tools.data.misregistration import Misregistration
 from tools.pipeline_math import preprocess_as_served, registration_settings
 
 CONTRACT = served_contract("cpu")
+PREPROCESS = load_repository("cpu")[CONTRACT.preprocess_model]
 OUTPUTS = (*CONTRACT.output_names, CONTRACT.registration_output)
 
 
 def infer(server, images: list[bytes], templates: list[bytes] | None = None,
-          protocol: str = "grpc") -> dict[str, np.ndarray]:
+          protocol: str = "grpc", parameters: dict | None = None) -> dict[str, np.ndarray]:
     """One pcb_pipeline request with its own client; all outputs, REGISTRATION included."""
     module = grpcclient if protocol == "grpc" else httpclient
     client = module.InferenceServerClient(server.grpc_url if protocol == "grpc" else server.http_url)
@@ -34,7 +35,7 @@ def infer(server, images: list[bytes], templates: list[bytes] | None = None,
             tensor.set_data_from_numpy(encoded_images_array(data))
             inputs.append(tensor)
     try:
-        result = client.infer(CONTRACT.pipeline_model, inputs,
+        result = client.infer(CONTRACT.pipeline_model, inputs, parameters=parameters,
                               outputs=[module.InferRequestedOutput(name) for name in OUTPUTS])
         return {name: result.as_numpy(name) for name in OUTPUTS}
     finally:
@@ -83,6 +84,19 @@ def test_a_known_shift_is_recovered_within_one_pixel(triton_server, pair, dx, dy
     outputs = infer(triton_server, [png(board)], [png(drift.apply(board, CONTRACT.pad_value))])
     expected = drift.expected_registration(board.shape[1], board.shape[0])
     np.testing.assert_allclose(outputs["REGISTRATION"][0, :2], expected[:2], atol=1.0)
+
+
+def test_a_request_saying_its_templates_are_registered_gets_them_scored_in_place(triton_server, pair):
+    """What pcb_scan's tile requests say: the template is not searched (REGISTRATION has no move), only scored."""
+    flag = {parameter(PREPROCESS, "registered_template_parameter"): True}
+    moved = png(Misregistration(5, 0, 0).apply(cv2.imdecode(np.frombuffer(pair[1], np.uint8), cv2.IMREAD_GRAYSCALE),
+                                               CONTRACT.pad_value))
+    in_place = infer(triton_server, [pair[0]], [pair[1]], parameters=flag)["REGISTRATION"][0]
+    assert in_place[:3].tolist() == [0, 0, 0] and in_place[3] > 0.9
+    not_searched = infer(triton_server, [pair[0]], [moved], parameters=flag)["REGISTRATION"][0]
+    assert not_searched[:3].tolist() == [0, 0, 0] and not_searched[3] < in_place[3]
+    searched = infer(triton_server, [pair[0]], [moved])["REGISTRATION"][0]
+    assert abs(searched[0] + 5) < 1, "without the parameter the template is registered as usual"
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

@@ -331,3 +331,11 @@ def test_the_metrics_helper_two_model_folders_carry_is_the_same_file():
     copies = sorted(MODELS_ROOT.glob("*/1/inspection_metrics.py"))
     assert {path.parent.parent.name for path in copies} == {CONTRACT.postprocess_model, CONTRACT.scan_model}
     assert copies[0].read_bytes() == copies[1].read_bytes()
+
+
+def test_the_registration_two_model_folders_carry_is_the_same_file():
+    """preprocess registers a template onto its image, pcb_scan a scan's template onto the whole scan first:
+    each carries registration.py (self-contained folders), the copies the same, and no other model one."""
+    copies = sorted(MODELS_ROOT.glob("*/1/registration.py"))
+    assert {path.parent.parent.name for path in copies} == {CONTRACT.preprocess_model, CONTRACT.scan_model}
+    assert copies[0].read_bytes() == copies[1].read_bytes()

@@ -87,3 +87,21 @@ def test_size_tolerance(templates):
     with pytest.raises(TemplateRejected, match=f"more than the {tolerance} px tolerance") as refused:
         registration.register_template(board, taller, SETTINGS)
     assert refused.value.reason == registration.BAD_TEMPLATE
+
+
+def test_a_prealigned_template_is_scored_where_it_lies_not_searched_nor_refused(templates):
+    """pcb_scan's tiles: their templates lie on them already (the scan was registered whole)."""
+    board, other = templates[0], templates[1]
+    prealigned = SETTINGS.for_prealigned()
+    registered, found = registration.register_template(board, board, prealigned)
+    assert registered is board and found[:3].tolist() == [0, 0, 0] and found[3] > 0.99
+    _, moved = registration.register_template(board, Misregistration(6, 0, 0).apply(board, SETTINGS.fill), prealigned)
+    assert moved[:3].tolist() == [0, 0, 0] and moved[3] < found[3], "scored where it lies: a moved one scores less"
+    # A tile of blank margin, or of another board, is reported with its score, not refused: the scan passed.
+    blank = np.full_like(board, 255)
+    assert registration.register_template(blank, blank, prealigned)[1].tolist() == [0, 0, 0, 0]
+    assert registration.register_template(board, other, prealigned)[1][3] < SETTINGS.min_score
+    # The border fill (where a drifted template had no pixels) does not count against the score.
+    band = board.copy()
+    band[:, -60:] = round(SETTINGS.fill)
+    assert registration.register_template(board, band, prealigned)[1][3] == pytest.approx(found[3], abs=0.01)

@@ -49,6 +49,13 @@ def test_scan_settings_agree_with_the_pipeline():
     assert [i.optional for i in SCAN_CONFIG.input] == [i.optional for i in pipeline.input], "TEMPLATE is optional"
     assert int(parameter(SCAN_CONFIG, "template_size_tolerance")) == \
         CONTRACT.registration_parameters["template_size_tolerance"], "the scan checks the size its tiles need"
+    for key in ("registration_max_shift", "registration_max_angle", "registration_min_score"):
+        assert float(parameter(SCAN_CONFIG, key)) == CONTRACT.registration_parameters[key], key
+    assert float(parameter(SCAN_CONFIG, "pad_value")) == CONTRACT.pad_value, "the no-template fill"
+    for config_name in (None, "cpu"):
+        preprocess = load_repository(config_name)[CONTRACT.preprocess_model]
+        assert parameter(SCAN_CONFIG, "registered_template_parameter") == parameter(
+            preprocess, "registered_template_parameter"), "preprocess must know the tiles' templates are registered"
     outputs = {o.name: (o.data_type, list(o.dims)) for o in SCAN_CONFIG.output}
     assert outputs.pop("NUM_TILES") == (outputs["NUM_DETECTIONS"][0], [1])
     assert list(outputs) == [o.name for o in pipeline.output], "the pipeline's outputs, in its order"

@@ -1,11 +1,13 @@
 """Triton glue for pcb_scan: one encoded scan -> tiles -> pcb_pipeline (BLS) -> detections in scan pixels.
 
 Settings come from the config parameters (tile_size, tile_overlap, tiles_per_request, requests_in_flight,
-merge_iou_threshold, max_scan_pixels, template_size_tolerance, pipeline_model); K from the BOXES output dims.
-The request's own parameters (score_threshold, iou_threshold) and its trace go with every tile request, so the
-pipeline validates and applies them, and a trace of the scan includes its tiles. With the optional TEMPLATE
-(the whole scan's template), each tile request carries the same window of the template, the pipeline registers
-it onto the tile, and REGISTRATION returns one row per tile. Helpers: tiling.py, scan.py, inspection_metrics.py.
+merge_iou_threshold, max_scan_pixels, template_size_tolerance, registration_*, pad_value, pipeline_model); K
+from the BOXES output dims. The request's own parameters (score_threshold, iou_threshold) and its trace go with
+every tile request, so the pipeline validates and applies them, and a trace of the scan includes its tiles. With
+the optional TEMPLATE (the whole scan's template), the template is registered onto the whole scan first
+(scan_registration.py), each tile request carries the same window of the registered template, the pipeline
+registers it onto the tile again, and REGISTRATION returns one row per tile. Helpers: tiling.py, scan.py,
+scan_registration.py, registration.py (the same file as preprocess's), inspection_metrics.py.
 
 Metrics (docs/operations.md), one image per scan: a scan answered counts in pcb_inspected_images_total, its
 merged defects in pcb_defects_total{class} and pcb_defects_per_image; a scan refused in
@@ -78,6 +80,7 @@ class TritonPythonModel:
         self.max_scan_pixels = int(parameters["max_scan_pixels"])
         self.template_size_tolerance = int(parameters["template_size_tolerance"])
         self.uncounted_parameter = parameters["uncounted_parameter"]
+        self.registered_template_parameter = parameters["registered_template_parameter"]
         (self.image_input,) = [i["name"] for i in config["input"] if not i.get("optional", False)]
         (self.template_input,) = [i["name"] for i in config["input"] if i.get("optional", False)]
         self.registration_output = "REGISTRATION"
@@ -88,11 +91,15 @@ class TritonPythonModel:
 
         # OpenCV reads its decoder pixel limit once, at its first import: set it from the config before that.
         os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(self.max_scan_pixels)
+        import registration
         import scan
+        import scan_registration
         import tiling
 
         tiling.check_layout(self.tile_size, self.tile_overlap)
-        self.scan, self.tiling = scan, tiling
+        self.scan, self.tiling, self.scan_registration = scan, tiling, scan_registration
+        self.template_rejected = registration.TemplateRejected
+        self.registration = registration.RegistrationSettings.from_parameters(parameters, float(parameters["pad_value"]))
         # labels_file is relative to the model repository (this model's folder is in it).
         self.metrics = inspection_metrics.InspectionMetrics(
             Path(args["model_repository"]).parent / parameters["labels_file"], parameters["defects_per_image_buckets"],
@@ -154,6 +161,12 @@ class TritonPythonModel:
         image = self.scan.decode_scan(encoded, self.max_scan_pixels)
         height, width = image.shape[:2]
         template = None if encoded_template is None else self._decode_template(encoded_template, height, width)
+        if template is not None:  # the whole template brought over the whole scan, then cut like the scan
+            try:
+                template, scan_map = self.scan_registration.register_scan_template(image, template, self.registration)
+            except self.template_rejected as exc:
+                raise TemplateFailed(str(exc), exc.reason) from None
+            parameters = {**parameters, self.registered_template_parameter: True}  # tiles: scored, not searched
         windows = self.tiling.tile_windows(height, width, self.tile_size, self.tile_overlap)
         starts = range(0, len(windows), self.tiles_per_request)
         slots = asyncio.Semaphore(self.requests_in_flight)
@@ -196,8 +209,8 @@ class TritonPythonModel:
                 boxes.append(chunk_boxes[row, :count])
                 scores.append(chunk_scores[row, :count])
                 classes.append(chunk_classes[row, :count])
-            if registration:
-                registrations[start : start + len(num)] = registration[0].reshape(-1, 4)
+            for tile, residual in enumerate(registration[0].reshape(-1, 4) if registration else [], start):
+                registrations[tile] = self.scan_registration.tile_registration(scan_map, residual, windows[tile])
         merged = self.tiling.merge_tiles(boxes, scores, classes, windows, height, width, self.merge_iou)
         if len(merged[1]) > self.max_detections:
             raise TooManyDefects(f"{len(merged[1])} defects found, more than the {self.max_detections} this model "

@@ -7,6 +7,9 @@ registration settings (`registration_*`, `template_size_tolerance`) from the con
 letterbox with OpenCV (image_ops.preprocess_image_opencv), GPU
 instances with the array code on CuPy (image_ops.preprocess_image); both are in image_ops.py beside this file.
 
+A request with the `registered_template_parameter` set true sends templates registered onto their images
+already (pcb_scan's tiles): they are scored where they lie, not searched (registration.py).
+
 Metrics (docs/operations.md): each rejected image or template counts in pcb_rejected_images_total{reason}, the
 reason from image_ops and registration.py, and each registered template's score in pcb_template_match_score
 (not for requests with the `uncounted_parameter`: pcb_scan's tiles, the health canary).
@@ -28,6 +31,7 @@ class TritonPythonModel:
             raise ValueError(f"pad_value must be a whole grey level from 0 to 255, got {parameters['pad_value']!r}")
         self.max_image_pixels = int(parameters["max_image_pixels"])
         self.uncounted_parameter = parameters["uncounted_parameter"]
+        self.registered_template_parameter = parameters["registered_template_parameter"]
         images_config = pb_utils.get_output_config_by_name(config, "images")
         channels, height, width = images_config["dims"]
         self.channels, self.input_height, self.input_width = int(channels), int(height), int(width)
@@ -39,6 +43,7 @@ class TritonPythonModel:
         import registration
 
         self.registration = registration.RegistrationSettings.from_parameters(parameters, self.pad_value)
+        self.prealigned = self.registration.for_prealigned()
         self.image_ops = image_ops
         self.xp = np
         self.preprocess_image = image_ops.preprocess_image_opencv
@@ -63,6 +68,9 @@ class TritonPythonModel:
         return [self._respond(request) for request in requests]
 
     def _respond(self, request):
+        request_parameters = json.loads(request.parameters())
+        counted = not request_parameters.get(self.uncounted_parameter)
+        settings = self.prealigned if request_parameters.get(self.registered_template_parameter) else self.registration
         encoded_images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
         template_tensor = pb_utils.get_input_tensor_by_name(request, "TEMPLATE")  # None: optional, not sent
         encoded_templates = [None] * len(encoded_images)
@@ -76,16 +84,16 @@ class TritonPythonModel:
             try:
                 tensor, geometry, registration = self.preprocess_image(
                     encoded, self.input_height, self.input_width, self.channels, self.pad_value,
-                    self.max_image_pixels, template, self.registration, dtype=self.pixel_type,
+                    self.max_image_pixels, template, settings, dtype=self.pixel_type,
                 )
             except self.image_ops.ImageRejected as exc:
-                return self._refuse(request, exc.reason, f"IMAGE[{index}]: {exc}")
+                return self._refuse(counted, exc.reason, f"IMAGE[{index}]: {exc}")
             except self.image_ops.TemplateRejected as exc:
-                return self._refuse(request, exc.reason, f"TEMPLATE[{index}]: {exc}")
+                return self._refuse(counted, exc.reason, f"TEMPLATE[{index}]: {exc}")
             tensors.append(tensor)
             geometries.append(geometry)
             registrations.append(registration)
-        if template_tensor is not None and self._counted(request):
+        if template_tensor is not None and counted:
             for registration in registrations:
                 self.match_scores.observe(float(registration[3]))
         # A lone image (the usual request) needs no stacking copy.
@@ -96,12 +104,9 @@ class TritonPythonModel:
             pb_utils.Tensor("REGISTRATION", np.stack(registrations)),  # computed on the CPU on either device
         ])
 
-    def _counted(self, request) -> bool:
-        return not json.loads(request.parameters()).get(self.uncounted_parameter)
-
-    def _refuse(self, request, reason: str, message: str):
+    def _refuse(self, counted: bool, reason: str, message: str):
         """The error response of a refused image or template, counted in pcb_rejected_images_total{reason}."""
-        if self._counted(request):
+        if counted:
             self.rejections[reason].increment(1)
         return self._error(message)
 

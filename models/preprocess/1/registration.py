@@ -6,6 +6,11 @@ finds the shift (it needs no starting point), then ECC (``cv2.findTransformECC``
 shift and rotation at ``scale`` of full size, starting again from no shift when that fails. ECC's correlation coefficient is the match score: about 0.93 to
 0.99 for a DeepPCB board and its own template, under 0.7 for most other boards.
 
+A template registered already (``RegistrationSettings.prealigned``: pcb_scan registers a scan's template onto
+the whole scan, then sends its tiles' windows) is only scored where it lies, not searched (a tile can hold
+artwork that matches itself shifted, lines along it), and not refused for its score: the whole scan passed the
+minimum, and a tile of blank margin or of a large defect scores low without being the wrong board.
+
 Convention (the ``REGISTRATION`` output, ``dx, dy, angle, score``): the template pixel at (x, y) lies over the
 image pixel (x + dx, y + dy) after a rotation by ``angle`` degrees about the image centre ((W - 1) / 2,
 (H - 1) / 2), turning as ``cv2.getRotationMatrix2D`` does (positive: counter-clockwise on screen).
@@ -13,7 +18,7 @@ image pixel (x + dx, y + dy) after a rotation by ``angle`` degrees about the ima
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -44,6 +49,11 @@ class RegistrationSettings:
     size_tolerance: int  # pixels a template's width or height may differ from the image's
     scale: float  # ECC works on this fraction of full size
     fill: float  # grey level where the registered template has no pixels (the letterbox border fill)
+    prealigned: bool = False  # the template lies on the image already: score it in place, search nothing
+
+    def for_prealigned(self) -> "RegistrationSettings":
+        """The same settings for templates registered already (a scan's tiles)."""
+        return replace(self, prealigned=True)
 
     @classmethod
     def from_parameters(cls, parameters: dict, fill: float) -> "RegistrationSettings":
@@ -87,7 +97,7 @@ def _refine(scaled: tuple[np.ndarray, np.ndarray], start: np.ndarray, settings: 
     warp = warp.astype(np.float64)
     warp[:, 2] /= settings.scale
     dx, dy, angle = describe_transform(cv2.invertAffineTransform(warp), width, height)
-    score = max(0.0, float(score))
+    score = min(1.0, max(0.0, float(score)))  # [0, 1] through float rounding too
     if score < settings.min_score:
         raise TemplateRejected(f"template does not match the image: score {score:.2f}, under the minimum of "
                                f"{settings.min_score:.2f}", TEMPLATE_MISMATCH, score)
@@ -99,8 +109,18 @@ def _refine(scaled: tuple[np.ndarray, np.ndarray], start: np.ndarray, settings: 
     return warp, dx, dy, angle, score
 
 
+def _score_in_place(image: np.ndarray, template: np.ndarray, settings: RegistrationSettings) -> float:
+    """ECC's correlation of a template lying on the image already (at ``scale``, blurred as ECC blurs), over the
+    template's pixels other than the border fill; 0 where it is undefined (a blank tile)."""
+    scaled = [cv2.GaussianBlur(_shrunk(plane, settings.scale), (ECC_BLUR, ECC_BLUR), 0) for plane in (image, template)]
+    has_pixels = np.where(template == round(settings.fill), 0, 255).astype(np.uint8)
+    mask = cv2.resize(has_pixels, scaled[1].shape[::-1], interpolation=cv2.INTER_NEAREST)
+    score = float(cv2.computeECC(*scaled, mask))
+    return min(1.0, max(0.0, score)) if math.isfinite(score) else 0.0  # [0, 1] through float rounding too
+
+
 def register_template(image: np.ndarray, template: np.ndarray, settings: RegistrationSettings):
-    """Bring a grey (H', W') template over a grey (H, W) image.
+    """Bring a grey (H', W') template over a grey (H, W) image (``settings.prealigned``: score it where it lies).
 
     Returns (registered (H, W) uint8 template in the image's frame, registration float32 (dx, dy, angle,
     score)). Raises TemplateRejected when the sizes differ beyond the tolerance, or when the template does not
@@ -114,6 +134,8 @@ def register_template(image: np.ndarray, template: np.ndarray, settings: Registr
     if template.shape != image.shape:  # within tolerance: the same origin, the registration takes up the rest
         template = cv2.copyMakeBorder(template[:height, :width], 0, max(0, height - template.shape[0]), 0,
                                       max(0, width - template.shape[1]), cv2.BORDER_REPLICATE)
+    if settings.prealigned:
+        return template, np.array([0.0, 0.0, 0.0, _score_in_place(image, template, settings)], dtype=np.float32)
     coarse_image, coarse_template = _shrunk(image, COARSE_SCALE), _shrunk(template, COARSE_SCALE)
     window = cv2.createHanningWindow(coarse_image.shape[::-1], cv2.CV_32F)
     (shift_x, shift_y), _ = cv2.phaseCorrelate(coarse_template, coarse_image, window)  # image ~ template moved by it
