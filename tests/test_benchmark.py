@@ -18,6 +18,7 @@ from tools.eval.benchmark.perf_analyzer import (
 )
 from tools.eval.benchmark.report import PLOT_FILE, markdown_report
 from tools.eval.benchmark.server_stats import PHASES, ModelCounters, stage_breakdown, stage_models
+from tools.pipeline_math import scan_windows
 
 CONTRACT = served_contract(CPU_CONFIG_NAME)
 
@@ -148,3 +149,12 @@ def test_benchmark_all_parts_against_the_live_server(triton_server, deeppcb_root
     for heading in ("## Detector alone", "## End to end", "## Pipeline against the bare detector",
                     "## Where the time goes", "## Where the CPU goes", "## Resident memory"):
         assert heading in text
+
+
+def test_benchmark_scan_with_templates_against_the_live_server(triton_server, deeppcb_root, tmp_path):
+    report = main(["scan", "--url", triton_server.grpc_url, "--data", str(deeppcb_root), "--out", str(tmp_path),
+                   "--scan-side", "1280", "--scans", "1", "--scan-concurrency", "1", "--with-templates"])
+    (row,) = report["scans"]
+    assert row["with_template"] and row["scans"] == 1 and row["tiles_per_scan"] == len(scan_windows(1280, 1280))
+    assert row["stages"][CONTRACT.scan_model]["requests"] == 1
+    assert "scan of real boards per request, with its template" in (tmp_path / "benchmark.md").read_text()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tools.arguments import add_data_arguments, add_server_arguments, validation_split
 from tools.contract import CPU_CONFIG_NAME, served_contract
+from tools.data.deeppcb import template_path_for
 from tools.data.splits import select_samples
 from tools.eval.benchmark.bare_detector import ServedDetector, bare_batch_sizes, time_bare_detector
 from tools.eval.benchmark.memory import server_memory
@@ -57,7 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="request parameter for every request (default: the deployed threshold); a low one "
                             "measures postprocess with many candidate boxes")
     sweep.add_argument("--with-templates", action="store_true",
-                       help="send each board's DeepPCB template with it (golden-template inspection)")
+                       help="send each board's DeepPCB template with it (golden-template inspection); with scan, "
+                            "the scan's template stitched from the boards' templates")
     scans = parser.add_argument_group("whole-board scans (scan)")
     scans.add_argument("--scan-side", type=int, default=4096, help="the scan is this many pixels square")
     scans.add_argument("--scans", type=int, default=6, help="timed scans per concurrency level")
@@ -83,9 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {"machine": machine_description()}
     if args.what == "scan":
         board_side = contract.input_size  # DeepPCB boards are as large as the detector input
-        scan = stitched_scan(benchmark_boards(args, boards_for_scan(args.scan_side, board_side)), args.scan_side)
+        boards = benchmark_boards(args, boards_for_scan(args.scan_side, board_side))
+        scan = stitched_scan(boards, args.scan_side)
+        template = stitched_scan([template_path_for(b) for b in boards], args.scan_side) if args.with_templates else None
         with serving(args.url, args.start_server, args.model_repository) as url:
-            report["scans"] = [time_scans(url, contract, scan, args.scan_side, args.scans, level)
+            report["scans"] = [time_scans(url, contract, scan, args.scan_side, args.scans, level, template)
                                for level in args.scan_concurrency]
             report["memory"] = server_memory(url)
         paths = write_report(report, args.out)

@@ -223,8 +223,9 @@ def memory_section(memory: dict) -> list[str]:
 def scans_section(scans: list[dict]) -> list[str]:
     first = scans[0]
     lines = ["## Whole-board scans (pcb_scan)", "",
-             f"One {first['scan_pixels'][0]} x {first['scan_pixels'][1]} scan of real boards per request, "
-             f"{first['tiles_per_scan']} tiles each.", "",
+             f"One {first['scan_pixels'][0]} x {first['scan_pixels'][1]} scan of real boards per request"
+             + (", with its template" if first.get("with_template") else "") + f", {first['tiles_per_scan']} tiles each.",
+             "",
              "| concurrency | scans/s | tiles/s | p50 per scan | p99 per scan | scan model | preprocess | detector | "
              "postprocess (ms per request) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in scans:

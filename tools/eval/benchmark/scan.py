@@ -1,7 +1,8 @@
 """Whole-board scans through the scan model: scans/s and tiles/s for one large scan of real boards.
 
 The scan is real DeepPCB boards stitched edge to edge and cut to ``side`` x ``side`` pixels, so every tile
-holds real copper. Each request carries one scan; ``concurrency`` client threads send them back to back.
+holds real copper; with templates, their templates stitched the same way go with it. Each request carries one
+scan; ``concurrency`` client threads send them back to back.
 """
 from __future__ import annotations
 
@@ -43,18 +44,21 @@ def tiles_per_scan(contract: ServedContract, height: int, width: int) -> int:
     return len(scan_windows(height, width, contract))
 
 
-def time_scans(url: str, contract: ServedContract, scan: bytes, side: int, count: int, concurrency: int) -> dict:
-    """Send ``count`` copies of ``scan`` through the scan model, ``concurrency`` at a time, after one warm-up."""
+def time_scans(url: str, contract: ServedContract, scan: bytes, side: int, count: int, concurrency: int,
+               template: bytes | None = None) -> dict:
+    """Send ``count`` copies of ``scan`` (with ``template``) through the scan model, ``concurrency`` at a time,
+    after one warm-up."""
     tiles = tiles_per_scan(contract, side, side)
     models = [contract.scan_model, *stage_models(contract)]
+    templates = None if template is None else [template]
     with PipelineClient(url, contract=contract, timeout_s=600) as client:
-        client.infer([scan], scans=True)  # warm-up, not timed
+        client.infer([scan], scans=True, templates=templates)  # warm-up, not timed
         before = snapshot(url, models)
         latencies: list[float] = []
 
         def one_scan(_):
             start = time.perf_counter()
-            client.infer([scan], scans=True)
+            client.infer([scan], scans=True, templates=templates)
             latencies.append(time.perf_counter() - start)
 
         began = time.perf_counter()
@@ -67,6 +71,7 @@ def time_scans(url: str, contract: ServedContract, scan: bytes, side: int, count
         "scan_pixels": [side, side],
         "tiles_per_scan": tiles,
         "scans": count,
+        "with_template": template is not None,
         "concurrency": concurrency,
         "scans_per_s": count / elapsed,
         "tiles_per_s": count * tiles / elapsed,
