@@ -42,20 +42,29 @@ class CpuMeter:
             self.groups[SERVER] = [server_pid]
             for stub in stub_processes(server_pid):
                 self.groups.setdefault(stub_group(stub["model"]), []).append(stub["pid"])
-        self._start: dict[str, float] = {}
+        self._start: dict[str, float] | None = None
 
     def _now(self) -> dict[str, float]:
         return {LOAD_GENERATOR: own_cpu_seconds(),
                 **{group: sum(process_cpu_seconds(pid) for pid in pids) for group, pids in self.groups.items()}}
 
     def start(self) -> None:
-        self._start = self._now()
+        try:
+            self._start = self._now()
+        except OSError:  # a stub restarted (the supervisor) or the server stopped since the meter found them
+            self._start = None
 
     def stop(self, inferences: int) -> dict:
         """CPU milliseconds per inference by group (and in all, the load generator apart) since ``start``."""
         if self.reason:
             return {"available": False, "reason": self.reason}
-        spent = {group: seconds - self._start[group] for group, seconds in self._now().items()}
+        try:
+            now = self._now() if self._start is not None else None
+        except OSError:
+            now = None
+        if now is None:
+            return {"available": False, "reason": "a serving process exited (a stub restarted?) during the sweep"}
+        spent = {group: seconds - self._start[group] for group, seconds in now.items()}
         per_inference = {group: 1e3 * seconds / inferences if inferences else 0.0 for group, seconds in spent.items()}
         serving = sum(ms for group, ms in per_inference.items() if group != LOAD_GENERATOR)
         return {"available": True, "inferences": inferences, "core_ms_per_inference": per_inference,
