@@ -48,7 +48,8 @@ def test_short_training_resumes_and_exports(tmp_path, monkeypatch, deeppcb_root)
     input_shape = [CONTRACT.channels, CONTRACT.input_height, CONTRACT.input_width]
     assert (images.name, images.shape[1:]) == (CONTRACT.detector_input, input_shape)
     assert isinstance(images.shape[0], str), "batch must be dynamic"
-    result = session.run(None, {images.name: np.zeros((3, *input_shape), np.float32)})[0]
+    assert images.type == f"tensor({CONTRACT.pixel_type.name})" == "tensor(uint8)", "grey levels, scaled in the graph"
+    result = session.run(None, {images.name: np.zeros((3, *input_shape), CONTRACT.pixel_type)})[0]
     assert result.shape == (3, 4 + CONTRACT.num_classes, (CONTRACT.input_size // 8) ** 2)
     assert output.name == CONTRACT.detector_output
     scores = result[:, 4:]
