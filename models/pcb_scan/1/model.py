@@ -5,9 +5,10 @@ merge_iou_threshold, max_scan_pixels, template_size_tolerance, registration_*, p
 from the BOXES output dims. The request's own parameters (score_threshold, iou_threshold) and its trace go with
 every tile request, so the pipeline validates and applies them, and a trace of the scan includes its tiles. With
 the optional TEMPLATE (the whole scan's template), the template is registered onto the whole scan first
-(scan_registration.py), each tile request carries the same window of the registered template, the pipeline
-registers it onto the tile again, and REGISTRATION returns one row per tile. Helpers: tiling.py, scan.py,
-scan_registration.py, registration.py (the same file as preprocess's), inspection_metrics.py.
+(scan_registration.py), each tile request carries the same window of the registered template (and the
+`registered_template_parameter`: the pipeline scores it in place), and REGISTRATION returns one row per tile.
+Helpers: tiling.py, scan.py, scan_registration.py, registration.py (the same file as preprocess's),
+inspection_metrics.py.
 
 Metrics (docs/operations.md), one image per scan: a scan answered counts in pcb_inspected_images_total, its
 merged defects in pcb_defects_total{class} and pcb_defects_per_image; a scan refused in

@@ -2,9 +2,9 @@
 `LETTERBOX` geometry and the template's `REGISTRATION`.
 
 The input size and channel layout come from the `images` output dims, the pixel type from its data type
-(TYPE_UINT8 grey levels, which the detector's graph scales; TYPE_FP32 in [0, 1] for an Ultralytics detector); `pad_value`, `max_image_pixels` and the
-registration settings (`registration_*`, `template_size_tolerance`) from the config parameters. CPU instances
-letterbox with OpenCV (image_ops.preprocess_image_opencv), GPU
+(TYPE_UINT8 grey levels, which the detector's graph scales; TYPE_FP32 in [0, 1] for an Ultralytics detector);
+`pad_value`, `max_image_pixels` and the registration settings (`registration_*`, `template_size_tolerance`)
+from the config parameters. CPU instances letterbox with OpenCV (image_ops.preprocess_image_opencv), GPU
 instances with the array code on CuPy (image_ops.preprocess_image); both are in image_ops.py beside this file.
 
 A request with the `registered_template_parameter` set true sends templates registered onto their images
