@@ -1,5 +1,5 @@
-"""PipelineClient.infer retries gRPC UNAVAILABLE a bounded number of times with backoff; nothing else is
-retried. A fake tritonclient stands in for the server."""
+"""PipelineClient.infer retries gRPC UNAVAILABLE and CANCELLED (a server shutting down) a bounded number of times
+with backoff; nothing else is retried. A fake tritonclient stands in for the server."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,6 +14,7 @@ UNAVAILABLE = InferenceServerException("failed to connect to all addresses", sta
 RESTRICTED = InferenceServerException("This protocol is restricted, expecting header 'triton-grpc-protocol-x'",
                                       status="StatusCode.UNAVAILABLE")
 INVALID = InferenceServerException("not an image", status="StatusCode.INVALID_ARGUMENT")
+CANCELLED = InferenceServerException("CANCELLED", status="StatusCode.CANCELLED")  # as seen at a server's SIGTERM
 
 
 class EmptyResult:
@@ -67,6 +68,12 @@ def test_unavailable_is_retried_with_growing_jittered_backoff(sleeps):
     for waited, delay in zip(sleeps, (0.1, 0.2, 0.3)):  # doubling, capped at retry_backoff_max_s
         assert delay / 2 <= waited <= delay
     assert len(sleeps) == 3
+
+
+def test_a_call_cancelled_by_a_stopping_server_is_retried(sleeps):
+    client, fake = client_with([CANCELLED, UNAVAILABLE], max_attempts=3)
+    [detections] = client.infer([b"image"])
+    assert len(detections.scores) == 0 and fake.calls == 3 and len(sleeps) == 2
 
 
 def test_attempts_are_bounded(sleeps):

@@ -36,6 +36,7 @@ from tools.contract import ServedContract, served_contract
 from tools.detections import Detections
 
 UNAVAILABLE = "StatusCode.UNAVAILABLE"  # InferenceServerException.status() of a gRPC UNAVAILABLE
+CANCELLED = "StatusCode.CANCELLED"  # a call the server cancelled as it shut down (this client cancels none)
 # pcb_scan's tile count (README's contract; the scan model's one output beyond the pipeline's): with templates
 # its REGISTRATION has one row per tile, padded with zeros to the longest scan of the request.
 NUM_TILES = "NUM_TILES"
@@ -109,8 +110,11 @@ def requested_outputs(contract: ServedContract, templates: bool, scans: bool) ->
 
 def retryable(error: InferenceServerException) -> bool:
     """A transient failure worth another attempt: gRPC UNAVAILABLE (server restarting or draining, connection
-    closed at its maximum age, pod gone). Triton also answers UNAVAILABLE to a restricted protocol called
+    closed at its maximum age, pod gone), or CANCELLED (a call still open when the server shut down; inference
+    is stateless, so sending it again is safe). Triton also answers UNAVAILABLE to a restricted protocol called
     without its key (--grpc-restricted-protocol); that is not transient."""
+    if error.status() == CANCELLED:
+        return True
     return error.status() == UNAVAILABLE and "restricted" not in (error.message() or "")
 
 
