@@ -15,6 +15,7 @@ from tools.contract import load_repository, parameter, served_contract
 from tools.data.deeppcb import read_split
 from tools.data.misregistration import Misregistration
 from tools.data.mosaic import write_mosaics
+from tools.eval.evaluate import expected_registrations
 from tools.pipeline_math import load_model_module, registration, tiling
 
 CONTRACT = served_contract()
@@ -51,16 +52,6 @@ def scan_pair(synthetic_boards, tmp_path_factory):
 def wide_scan(synthetic_boards, tmp_path_factory):
     """Six synthetic boards stitched 3 x 2 (1920 x 1280, 12 tiles)."""
     return stitched_scan(synthetic_boards, 3, 2, tmp_path_factory.mktemp("wide_scan"))
-
-
-def expected_tile_registration(drift: Misregistration, scan_shape, window) -> np.ndarray:
-    """(dx, dy, angle) of the drifted template's window of ``window`` onto the scan's tile, in tile pixels."""
-    height, width = scan_shape
-    drifted_to_scan = cv2.invertAffineTransform(registration.rotation_about_centre(width, height, drift.dx, drift.dy,
-                                                                                   drift.angle))
-    composed = np.vstack([drifted_to_scan, [0, 0, 1]]) @ np.array([[1, 0, window.x0], [0, 1, window.y0], [0, 0, 1]])
-    composed[:2, 2] -= (window.x0, window.y0)
-    return np.array(registration.describe_transform(composed[:2], window.x1 - window.x0, window.y1 - window.y0))
 
 
 def grey(path) -> np.ndarray:
@@ -109,7 +100,7 @@ def test_tile_rows_compose_the_scan_registration_with_each_tile_registration(wid
                                                      registration.RegistrationSettings.from_parameters(
                                                          CONTRACT.registration_parameters, CONTRACT.pad_value))
         row = scan_registration.tile_registration(scan_map, residual, window)
-        expected = expected_tile_registration(SCAN_DRIFT, image.shape, window)
+        (expected,) = expected_registrations(SCAN_DRIFT, image.shape[1], image.shape[0], [window])
         np.testing.assert_allclose(row[:2], expected[:2], atol=1.0)
         np.testing.assert_allclose(row[2], expected[2], atol=0.05)
         assert row[3] == residual[3]
@@ -120,7 +111,7 @@ def test_a_drifted_and_turned_scan_template_registers_every_tile(triton_server, 
     the template went, although far from the centre the drift exceeds what one tile's registration searches."""
     image = grey(wide_scan.image_path)
     windows = tiling.tile_windows(*image.shape, TILE_SIZE, OVERLAP)
-    expected = [expected_tile_registration(SCAN_DRIFT, image.shape, w) for w in windows]
+    expected = expected_registrations(SCAN_DRIFT, image.shape[1], image.shape[0], windows)
     assert max(np.abs(e[:2]).max() for e in expected) > MAX_SHIFT, "some tile drifts beyond a tile's search range"
     drifted = png(SCAN_DRIFT.apply(grey(wide_scan.template_path), CONTRACT.pad_value))
     with PipelineClient(triton_server.grpc_url) as client:

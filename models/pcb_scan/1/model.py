@@ -79,7 +79,6 @@ class TritonPythonModel:
         self.requests_in_flight = int(parameters["requests_in_flight"])
         self.merge_iou = float(parameters["merge_iou_threshold"])
         self.max_scan_pixels = int(parameters["max_scan_pixels"])
-        self.template_size_tolerance = int(parameters["template_size_tolerance"])
         self.uncounted_parameter = parameters["uncounted_parameter"]
         self.registered_template_parameter = parameters["registered_template_parameter"]
         (self.image_input,) = [i["name"] for i in config["input"] if not i.get("optional", False)]
@@ -145,28 +144,24 @@ class TritonPythonModel:
             self.metrics.count(counts, np.concatenate([classes for _, _, classes, _ in results]).astype(np.int64))
         return pb_utils.InferenceResponse(output_tensors=self._outputs(results))
 
-    def _decode_template(self, encoded_template: bytes, height: int, width: int):
-        """The scan's template pixels, checked against the scan's size; TemplateFailed says what is wrong."""
+    def _registered_template(self, encoded_template: bytes, image):
+        """(the scan's template registered onto the scan, its map template -> scan pixels); TemplateFailed says
+        what is wrong: undecodable, its size beyond the tolerance, or not this scan's (registration.py)."""
         try:
             template = self.scan.decode_scan(encoded_template, self.max_scan_pixels)
         except self.scan.ScanRejected as exc:
             raise TemplateFailed(str(exc)) from None
-        template_height, template_width = template.shape[:2]
-        tolerance = self.template_size_tolerance
-        if abs(template_height - height) > tolerance or abs(template_width - width) > tolerance:
-            raise TemplateFailed(f"template is {template_width}x{template_height}, the scan {width}x{height}: more "
-                                 f"than the {tolerance} px tolerance apart", BAD_TEMPLATE)
-        return template
+        try:
+            return self.scan_registration.register_scan_template(image, template, self.registration)
+        except self.template_rejected as exc:
+            raise TemplateFailed(str(exc), exc.reason) from None
 
     async def _inspect(self, encoded: bytes, encoded_template, parameters: dict, trace):
         image = self.scan.decode_scan(encoded, self.max_scan_pixels)
         height, width = image.shape[:2]
-        template = None if encoded_template is None else self._decode_template(encoded_template, height, width)
-        if template is not None:  # the whole template brought over the whole scan, then cut like the scan
-            try:
-                template, scan_map = self.scan_registration.register_scan_template(image, template, self.registration)
-            except self.template_rejected as exc:
-                raise TemplateFailed(str(exc), exc.reason) from None
+        template = scan_map = None
+        if encoded_template is not None:  # the whole template brought over the whole scan, then cut like the scan
+            template, scan_map = self._registered_template(encoded_template, image)
             parameters = {**parameters, self.registered_template_parameter: True}  # tiles: scored, not searched
         windows = self.tiling.tile_windows(height, width, self.tile_size, self.tile_overlap)
         starts = range(0, len(windows), self.tiles_per_request)
