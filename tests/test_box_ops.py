@@ -217,6 +217,23 @@ def test_served_defaults_fill_in_unset_arguments():
     assert num[0, 0] == 1
 
 
+def test_an_image_whose_template_registered_is_judged_at_the_template_threshold():
+    contract = served_contract()
+    low, high = sorted([contract.score_threshold, contract.template_score_threshold])
+    assert low < high, "the deployed thresholds are the same: this test needs them apart"
+    between = (low + high) / 2
+    pred = prediction([[100, 100, 20, 20], [300, 300, 20, 20]], one_hot_scores([(0, between), (3, 0.99)]))
+    batch, geometry = np.stack([pred, pred]), np.array([[1, 0, 0, 640, 640]] * 2, np.float32)
+    registration = np.array([[0, 0, 0, 0], [1.5, -2, 0.1, 0.97]], np.float32)  # without, with a template
+    num, _, _, _ = postprocess_as_served(batch, geometry, registration=registration)
+    kept_between = [contract.deployed_score_threshold(row) < between for row in registration]
+    assert num[:, 0].tolist() == [1 + kept for kept in kept_between]
+    assert kept_between == [contract.score_threshold < between, contract.template_score_threshold < between]
+    # a request's own threshold wins over both
+    num, _, _, _ = postprocess_as_served(batch, geometry, registration=registration, score_threshold=high + 0.01)
+    assert num[:, 0].tolist() == [1, 1]
+
+
 # --- the CPU path (OpenCV NMS) against the array path ---------------------------------------------
 
 

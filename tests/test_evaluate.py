@@ -49,6 +49,7 @@ def setup(deployed_score_threshold: float) -> EvaluationSetup:
         model="pcb_pipeline",
         request_score_threshold=0.001,
         deployed_score_threshold=deployed_score_threshold,
+        deployed_template_score_threshold=deployed_score_threshold,
         config="none",
     )
 

@@ -117,6 +117,20 @@ def test_mixed_dynamic_batches_answer_each_request_as_alone(triton_server, pair,
     assert_same_answer(batched, alone[2], index_a=1)
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_each_image_is_judged_at_the_deployed_threshold_of_its_kind(triton_server, pair, protocol):
+    image, template = pair
+    assert CONTRACT.score_threshold != CONTRACT.template_score_threshold  # else this shows nothing
+    for templates, threshold in ((None, CONTRACT.score_threshold), ([template], CONTRACT.template_score_threshold)):
+        everything = infer(triton_server, [image], templates, protocol, parameters={"score_threshold": 0.001})
+        deployed = infer(triton_server, [image], templates, protocol)
+        scores = everything["SCORES"][0, : int(everything["NUM_DETECTIONS"][0, 0])]
+        kept = scores[scores > np.float32(threshold)]
+        assert len(kept) and int(deployed["NUM_DETECTIONS"][0, 0]) == len(kept)
+        np.testing.assert_allclose(deployed["SCORES"][0, : len(kept)], kept, atol=1e-5)
+    assert deployed["REGISTRATION"][0, 3] > 0
+
+
 def bad_templates(image: bytes, template: bytes, other_board: bytes) -> dict[str, tuple[bytes, str]]:
     board = cv2.imdecode(np.frombuffer(template, np.uint8), cv2.IMREAD_GRAYSCALE)
     tolerance = int(CONTRACT.registration_parameters["template_size_tolerance"])

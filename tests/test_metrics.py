@@ -145,6 +145,13 @@ def test_pooled_ranking_across_images(rule, iou):
     point = operating_point(ranked, 0.85)
     assert (point.true_positives, point.false_positives, point.false_negatives) == (1, 0, 2)
     assert point.f_score == pytest.approx(0.5)
+    # One threshold per image (postprocess judges each by its template): 0.95 on A keeps nothing of it, 0.5
+    # on B keeps both of its true positives: TP 2, FP 0, FN 1; per class too (class 0: B's 0.8).
+    point = operating_point(ranked, [0.95, 0.5])
+    assert (point.true_positives, point.false_positives, point.false_negatives) == (2, 0, 1)
+    assert point.score_threshold == [0.5, 0.95]
+    assert operating_point(ranked, [0.95, 0.5], class_id=0).true_positives == 1
+    assert operating_point(ranked, [0.8, 0.8]).f_score == operating_point(ranked, 0.8).f_score
 
 
 def test_ties_keep_file_order():

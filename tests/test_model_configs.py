@@ -13,6 +13,7 @@ from tools.contract import (
     parameter,
     read_model_config,
     served_contract,
+    tensor,
 )
 from tools.pipeline_math import load_model_module
 
@@ -88,6 +89,11 @@ def test_pipeline_matches_the_contract():
         "REGISTRATION": ("TYPE_FP32", [4]),
     }
     assert [step.model_name for step in pipeline.ensemble_scheduling.step] == ["preprocess", DETECTOR, "postprocess"]
+    # postprocess learns from preprocess's REGISTRATION whether an image's template registered (its threshold)
+    preprocess_step, _, postprocess_step = pipeline.ensemble_scheduling.step
+    assert postprocess_step.input_map["REGISTRATION"] == preprocess_step.output_map["REGISTRATION"]
+    postprocess_input = tensor(load_repository()["postprocess"].input, "REGISTRATION")
+    assert postprocess_input.optional and list(postprocess_input.dims) == [4]
 
 
 @pytest.mark.parametrize("model", [DETECTOR, *PYTHON_STEPS])
@@ -175,7 +181,7 @@ def test_preprocess_parameters(config_name):
 def test_postprocess_parameters(config_name):
     thresholds = load_model_module("postprocess", "thresholds")
     postprocess = load_repository(config_name)["postprocess"]
-    for name in thresholds.THRESHOLD_NAMES:
+    for name in (*thresholds.THRESHOLD_NAMES, "template_score_threshold"):
         thresholds.parse_threshold(name, parameter(postprocess, name))
     k = tensor_specs(postprocess.output)["BOXES"][1][0]
     assert int(parameter(postprocess, "pre_nms_top_k")) >= k

@@ -7,7 +7,7 @@ parses a config or repeats one of these values::
     from tools.contract import served_contract
     contract = served_contract()        # the default (production GPU) configs
     cpu = served_contract("cpu")        # as tritonserver --model-config-name=cpu loads them
-    contract.pipeline_model, contract.image_input, contract.input_height, contract.score_threshold
+    contract.pipeline_model, contract.image_input, contract.input_height, contract.template_score_threshold
 
 Config selection follows ``tritonserver --model-config-name=NAME``: a model's ``configs/NAME.pbtxt`` when it
 has one, else its ``config.pbtxt``.
@@ -108,7 +108,8 @@ class ServedContract:
     pad_value: float
     max_image_pixels: int
     registration_parameters: dict[str, float]  # preprocess's registration_* and template_size_tolerance
-    score_threshold: float  # the deployed operating point; requests may override it
+    score_threshold: float  # the deployed operating point without a template; requests may override it
+    template_score_threshold: float  # the one for images whose template registered
     iou_threshold: float
     pre_nms_top_k: int
     max_detections: int  # K: rows of BOXES, SCORES and CLASSES
@@ -128,6 +129,13 @@ class ServedContract:
         if self.input_height != self.input_width:
             raise ValueError(f"detector input {self.input_height}x{self.input_width} is not square")
         return self.input_height
+
+    def deployed_score_threshold(self, registration) -> float:
+        """postprocess's default score threshold for an image with this ``REGISTRATION`` (None without a
+        template): the template one where the template registered (a score > 0; for a scan, in any tile's row:
+        a blank tile scored 0 is judged at the other, and has nothing to report)."""
+        registered = registration is not None and bool((np.asarray(registration).reshape(-1, 4)[:, 3] > 0).any())
+        return self.template_score_threshold if registered else self.score_threshold
 
     @property
     def detector_version_dir(self) -> Path:
@@ -189,6 +197,7 @@ def served_contract(config_name: str | None = None, models_root: Path = MODELS_R
         max_image_pixels=int(parameter(preprocess, "max_image_pixels")),
         registration_parameters={key: float(parameter(preprocess, key)) for key in REGISTRATION_PARAMETERS},
         score_threshold=float(parameter(postprocess, "score_threshold")),
+        template_score_threshold=float(parameter(postprocess, "template_score_threshold")),
         iou_threshold=float(parameter(postprocess, "iou_threshold")),
         pre_nms_top_k=int(parameter(postprocess, "pre_nms_top_k")),
         max_detections=tensor(postprocess.output, output_names[1]).dims[0],

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+import numpy as np
+
 from tools.contract import MODELS_ROOT, ServedContract, load_repository, parameter, served_contract
 
 
@@ -37,6 +39,7 @@ def load_model_module(model: str, module: str):
 image_ops = load_model_module(served_contract().preprocess_model, "image_ops")
 registration = sys.modules[image_ops.TemplateRejected.__module__]  # the helper image_ops imported, not a copy
 box_ops = load_model_module(served_contract().postprocess_model, "box_ops")
+thresholds = load_model_module(served_contract().postprocess_model, "thresholds")
 tiling = load_model_module(served_contract().scan_model, "tiling")
 ImageRejected = image_ops.ImageRejected
 TemplateRejected = image_ops.TemplateRejected
@@ -67,11 +70,15 @@ def preprocess_as_served(encoded: bytes, template: bytes | None = None, contract
 
 
 def postprocess_as_served(pred, geometry, *, score_threshold: float | None = None,
-                          iou_threshold: float | None = None, contract: ServedContract | None = None):
-    """Detector output (B, 4 + num_classes, N) and geometry (B, 5) -> (num (B, 1), boxes (B, K, 4),
-    scores (B, K), classes (B, K)) in original pixels, as the CPU postprocess computes them; a threshold
-    left None is the served default."""
+                          iou_threshold: float | None = None, registration=None, contract: ServedContract | None = None):
+    """Detector output (B, 4 + num_classes, N) and geometry (B, 5) [and preprocess's REGISTRATION (B, 4)] ->
+    (num (B, 1), boxes (B, K, 4), scores (B, K), classes (B, K)) in original pixels, as the CPU postprocess
+    computes them; a threshold left None is the served default (for the score, each image's by its
+    registration; without one, the no-template default)."""
     c = contract or served_contract()
+    if score_threshold is None and registration is not None:
+        score_threshold = thresholds.image_score_thresholds(np.asarray(registration)[:, 3], c.score_threshold,
+                                                            c.template_score_threshold)
     return box_ops.postprocess_batch_opencv(
         pred, geometry,
         c.score_threshold if score_threshold is None else score_threshold,

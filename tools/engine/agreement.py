@@ -259,19 +259,22 @@ def compare_outputs(
 ) -> Verdict:
     """Raw and detection-level comparison of two ``output0`` batches of the same preprocessed boards.
 
-    Detections are compared as served: the postprocess model's score and IoU thresholds and K.
+    Detections are compared as served: the postprocess model's IoU threshold and K, at the lower of its two
+    deployed score thresholds (with and without a template), which compares the more detections.
     """
     contract = served_contract()
+    score_threshold = min(contract.score_threshold, contract.template_score_threshold)
 
     def detections(output):
-        return Detections.from_padded(*postprocess_as_served(output, geometry, contract=contract))
+        return Detections.from_padded(*postprocess_as_served(output, geometry, score_threshold=score_threshold,
+                                                             contract=contract))
 
     return Verdict(
         raw=raw_output_reports(reference, candidate, contract.input_size, atol, rtol),
         detections=detection_agreement(
             detections(reference),
             detections(candidate),
-            contract.score_threshold,
+            score_threshold,
             contract.max_detections,
             min_iou,
             max_score_drift,

@@ -4,9 +4,10 @@
     python -m tools.eval --list trainval.txt --split val --start-server
 
 Every board goes through the served pipeline over gRPC (the path users call) with a low score threshold, so
-the whole ranking is there for AP; the F-score is taken at the deployed threshold (the postprocess config's
-``score_threshold``, read through tools.contract) by keeping the detections scoring above it, as the
-postprocess step does. ``--split val`` evaluates the validation part of the split the detector was trained
+the whole ranking is there for AP; the F-score is taken at each board's deployed threshold (the postprocess
+config's ``template_score_threshold`` where the board's template registered, its ``score_threshold``
+otherwise; read through tools.contract) by keeping the detections scoring above it, as the postprocess step
+does. ``--split val`` evaluates the validation part of the split the detector was trained
 with (tools.data.splits; a different split of the same list is refused). Metrics are those of
 ``tools.eval.metrics`` (DeepPCB rule: IoU > 0.33 with a same-class defect, uninterpolated pooled AP; and VOC
 mAP@0.5). Writes ``report.md``, ``report.json``, ``precision_recall.png`` and annotated examples of misses
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         model=contract.scan_model if args.tile else contract.pipeline_model,
         request_score_threshold=args.request_score_threshold,
         deployed_score_threshold=contract.score_threshold,
+        deployed_template_score_threshold=contract.template_score_threshold,
         config=str(contract.models_root / contract.postprocess_model),
         templates=("misregistered" if misregister else "as given") if args.with_templates else "none",
         misregister_shift=args.misregister_shift,
@@ -166,11 +168,13 @@ def main(argv: list[str] | None = None) -> dict:
         misregister_seed=args.misregister_seed,
     )
     summary = registration_summary(samples, detections, expected, refused) if args.with_templates else None
-    report = write_report(samples, detections, setup, contract.labels, args.out, args.examples, summary)
+    deployed = [contract.deployed_score_threshold(d.registration) for d in detections]
+    report = write_report(samples, detections, setup, contract.labels, args.out, args.examples, summary, deployed)
     m = report["metrics"]
     print(
         f"{m['images']} boards, {m['ground_truths']} defects: DeepPCB AP {100 * m['deeppcb']['ap']:.2f} %, "
-        f"F-score {100 * m['deeppcb']['at_threshold']['f_score']:.2f} % at score {contract.score_threshold:g}, "
+        f"F-score {100 * m['deeppcb']['at_threshold']['f_score']:.2f} % at score "
+        f"{' / '.join(f'{t:g}' for t in sorted(set(deployed)))}, "
         f"mAP@0.5 {100 * m['voc']['map50']:.2f} %. Report: {args.out / 'report.md'}"
     )
     if summary is not None:

@@ -110,6 +110,7 @@ class RankedDetections:
     classes: np.ndarray  # (N,) int64
     is_true_positive: np.ndarray  # (N,) bool
     gt_per_class: np.ndarray  # (num_classes,) int64: ground-truth boxes of each class
+    images: np.ndarray  # (N,) int64: the index of each detection's image
 
     def of_class(self, class_id: int | None) -> tuple[np.ndarray, np.ndarray, int]:
         """(scores, true-positive flags, ground-truth count) of one class, or of all when ``class_id`` is None."""
@@ -117,6 +118,14 @@ class RankedDetections:
             return self.scores, self.is_true_positive, int(self.gt_per_class.sum())
         keep = self.classes == class_id
         return self.scores[keep], self.is_true_positive[keep], int(self.gt_per_class[class_id])
+
+    def thresholds_of(self, score_threshold, class_id: int | None) -> float | np.ndarray:
+        """``score_threshold`` as ``of_class`` lines up: one number as it is, one per image as one per detection."""
+        per_image = np.asarray(score_threshold, dtype=np.float64)
+        if per_image.ndim == 0:
+            return float(per_image)
+        per_detection = per_image[self.images]
+        return per_detection if class_id is None else per_detection[self.classes == class_id]
 
 
 def rank_detections(
@@ -135,6 +144,7 @@ def rank_detections(
     scores = _pooled([p.scores for p in predictions], np.float32)
     classes = _pooled([p.classes for p in predictions], np.int64).astype(np.int64)
     is_true_positive = _pooled(matches, bool)
+    images = _pooled([np.full(len(p.scores), i) for i, p in enumerate(predictions)], np.int64).astype(np.int64)
     gt_classes = _pooled([g.classes for g in ground_truths], np.int64).astype(np.int64)
     order = np.argsort(-scores, kind="stable")
     return RankedDetections(
@@ -142,6 +152,7 @@ def rank_detections(
         classes=classes[order],
         is_true_positive=is_true_positive[order],
         gt_per_class=np.bincount(gt_classes, minlength=num_classes).astype(np.int64),
+        images=images[order],
     )
 
 
@@ -181,9 +192,9 @@ def average_precision_all_point(ranked: RankedDetections, class_id: int | None =
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """Counts and rates of the detections kept at one score threshold."""
+    """Counts and rates of the detections kept at a score threshold (one, or each image's own)."""
 
-    score_threshold: float
+    score_threshold: float | list[float]  # one, or the distinct thresholds of the images
     true_positives: int
     false_positives: int
     false_negatives: int
@@ -192,17 +203,19 @@ class OperatingPoint:
     f_score: float
 
 
-def operating_point(ranked: RankedDetections, score_threshold: float, class_id: int | None = None) -> OperatingPoint:
-    """Precision, recall and F-score of the detections scoring above ``score_threshold`` (what the pipeline keeps)."""
+def operating_point(ranked: RankedDetections, score_threshold, class_id: int | None = None) -> OperatingPoint:
+    """Precision, recall and F-score of the detections scoring above ``score_threshold`` (what the pipeline keeps):
+    one threshold, or a sequence of one per image (postprocess judges an image by whether its template registered)."""
     scores, is_true_positive, num_gt = ranked.of_class(class_id)
-    kept = above_threshold(scores, score_threshold)
+    kept = above_threshold(scores, ranked.thresholds_of(score_threshold, class_id))
     true_positives = int(np.count_nonzero(is_true_positive & kept))
     false_positives = int(np.count_nonzero(kept)) - true_positives
     precision = true_positives / (true_positives + false_positives) if true_positives + false_positives else 0.0
     recall = true_positives / num_gt if num_gt else 0.0
     f_score = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return OperatingPoint(
-        score_threshold=float(score_threshold),
+        score_threshold=(float(score_threshold) if np.ndim(score_threshold) == 0
+                         else sorted({float(t) for t in score_threshold})),
         true_positives=true_positives,
         false_positives=false_positives,
         false_negatives=num_gt - true_positives,
@@ -218,10 +231,11 @@ THRESHOLD_SWEEP = np.round(np.arange(0.30, 0.851, 0.05), 2)
 def summarize(
     ground_truths: Sequence,
     predictions: Sequence,
-    score_threshold: float,
+    score_threshold,
     class_names: Sequence[str],
 ) -> dict:
-    """Every headline figure as a JSON-ready dict: DeepPCB AP and F-score, VOC mAP@0.5, all per class too."""
+    """Every headline figure as a JSON-ready dict: DeepPCB AP and F-score, VOC mAP@0.5, all per class too. The
+    F-score is taken at ``score_threshold``: one, or one per image (``operating_point``)."""
     deeppcb = rank_detections(ground_truths, predictions, "file_order", DEEPPCB_IOU_THRESHOLD, len(class_names))
     voc = rank_detections(ground_truths, predictions, "voc", VOC_IOU_THRESHOLD, len(class_names))
     classes_with_gt = [c for c in range(len(class_names)) if voc.gt_per_class[c]]

@@ -9,10 +9,11 @@ import numpy as np
 
 from tools.client.annotate import draw_detections
 from tools.data.deeppcb import Sample
-from tools.detections import Detections, above_threshold
+from tools.detections import Detections
 from tools.eval.metrics import (
     DEEPPCB_IOU_THRESHOLD,
     VOC_IOU_THRESHOLD,
+    operating_point,
     precision_recall_curve,
     rank_detections,
 )
@@ -52,9 +53,10 @@ def draw_example(
 
 
 def plot_precision_recall(
-    ground_truths, predictions, score_threshold: float, class_names: Sequence[str], path: Path
+    ground_truths, predictions, score_threshold, class_names: Sequence[str], path: Path
 ) -> None:
-    """PR curves per class and overall, under both rules, with the deployed operating point marked."""
+    """PR curves per class and overall, under both rules, with the deployed operating point marked (at one
+    score threshold, or one per image)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,18 +80,13 @@ def plot_precision_recall(
                 marker="." if len(recall) < 20 else None,
                 label=f"{name} ({ranked.gt_per_class[class_id]} defects)",
             )
-        precision, recall, scores = precision_recall_curve(ranked)
+        precision, recall, _ = precision_recall_curve(ranked)
         axis.plot(recall, precision, color="black", linewidth=2.2, label="all classes")
-        kept = np.flatnonzero(above_threshold(scores, score_threshold))
-        if len(kept):
-            axis.plot(
-                recall[kept[-1]],
-                precision[kept[-1]],
-                "o",
-                color="red",
-                markersize=8,
-                label=f"score > {score_threshold:g}",
-            )
+        deployed = operating_point(ranked, score_threshold)
+        if deployed.true_positives + deployed.false_positives:
+            thresholds = np.atleast_1d(deployed.score_threshold)
+            axis.plot(deployed.recall, deployed.precision, "o", color="red", markersize=8,
+                      label="score > " + " / ".join(f"{t:g}" for t in thresholds))
         axis.set(title=title, xlabel="recall", xlim=(0, 1.01), ylim=(0, 1.01))
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("precision")

@@ -31,8 +31,10 @@ class EvaluationSetup:
     url: str
     model: str
     request_score_threshold: float  # sent with every request, low so AP sees the whole ranking
-    deployed_score_threshold: float  # the postprocess default, where the F-score is taken
-    config: str  # the model folder whose config holds the deployed threshold
+    # postprocess's defaults, where the F-score is taken: for boards without a template, with a registered one
+    deployed_score_threshold: float
+    deployed_template_score_threshold: float
+    config: str  # the model folder whose config holds the deployed thresholds
     templates: str = "none"  # "none", "as given" (each board's own template) or "misregistered"
     misregister_shift: float = 0.0  # px, the largest random drift of a misregistered template (each axis)
     misregister_angle: float = 0.0  # degrees
@@ -156,6 +158,15 @@ def template_setup(setup: dict) -> str:
     return "each board's own, as given"
 
 
+def threshold_description(used, setup: dict) -> str:
+    """" 0.55 (a registered template)": the deployed threshold(s) the boards were judged at, each with its kind."""
+    kinds = {setup["deployed_score_threshold"]: "no template",
+             setup["deployed_template_score_threshold"]: "a registered template"}
+    if len(kinds) == 1:  # the two defaults are the same
+        return f" {next(iter(kinds)):g}"
+    return "s " + " and ".join(f"{t:g} ({kinds.get(t, 'given')})" for t in np.atleast_1d(used))
+
+
 def split_description(setup: dict) -> str:
     if setup.get("val_groups"):
         return f" (whole groups held out of training: {', '.join(setup['val_groups'])})"
@@ -177,7 +188,8 @@ def markdown_report(report: dict, examples: list[dict]) -> str:
         "| metric | value |",
         "|---|---:|",
         f"| DeepPCB AP (IoU > 0.33, uninterpolated, pooled) | {100 * deeppcb['ap']:.2f} % |",
-        f"| DeepPCB F-score at the deployed score threshold {at['score_threshold']:g} | {100 * at['f_score']:.2f} % |",
+        f"| DeepPCB F-score at the deployed score threshold{threshold_description(at['score_threshold'], setup)} "
+        f"| {100 * at['f_score']:.2f} % |",
         f"| precision / recall at that threshold | {100 * at['precision']:.2f} % / {100 * at['recall']:.2f} % |",
         f"| true positives / false alarms / misses "
         f"| {at['true_positives']} / {at['false_positives']} / {at['false_negatives']} |",
@@ -234,7 +246,8 @@ METHOD = (
     "score order, as a results file lists them) of the same class whose IoU is strictly above 0.33. AP pools "
     "every detection of every board ranked by score and is uninterpolated: the sum of precision at each true "
     "positive's rank over the number of defects. The F-score counts detections scoring above the deployed "
-    "threshold, as the postprocess step keeps them. mAP@0.5 follows PASCAL VOC 2010+: per class, detections by "
+    "threshold of their board (postprocess's template_score_threshold where the board's template registered, its "
+    "score_threshold otherwise), as the postprocess step keeps them. mAP@0.5 follows PASCAL VOC 2010+: per class, detections by "
     "descending score take the best-IoU defect (IoU > 0.5, each defect once); all-point interpolated AP, averaged "
     "over classes with defects."
 )
@@ -248,23 +261,26 @@ def write_report(
     out: Path,
     example_count: int = 6,
     registration: dict | None = None,
+    score_thresholds: Sequence[float] | None = None,
 ) -> dict:
     """Compute the metrics of ``detections`` (one per sample, as returned by the client at a low threshold)
-    and write report.json, report.md, precision_recall.png and examples/*.png under ``out``. ``registration``
-    (``registration_summary``, when templates were sent) goes into both reports."""
+    and write report.json, report.md, precision_recall.png and examples/*.png under ``out``. The F-score and
+    the examples are taken at ``score_thresholds``, each board's deployed one (default: the setup's no-template
+    one for all). ``registration`` (``registration_summary``, when templates were sent) goes into both reports."""
     if len(samples) != len(detections):
         raise ValueError(f"{len(samples)} boards but {len(detections)} detection sets")
     out = Path(out)
     (out / "examples").mkdir(parents=True, exist_ok=True)
-    deployed_threshold = setup.deployed_score_threshold
+    if score_thresholds is None:
+        score_thresholds = [setup.deployed_score_threshold] * len(samples)
     ranked = [d.ranked() for d in detections]
-    metrics = summarize(samples, ranked, deployed_threshold, class_names)
+    metrics = summarize(samples, ranked, score_thresholds, class_names)
     report = {"setup": asdict(setup), "metrics": metrics, "method": METHOD}
     if registration is not None:
         report["registration"] = registration
-    plot_precision_recall(samples, ranked, deployed_threshold, class_names, out / "precision_recall.png")
+    plot_precision_recall(samples, ranked, score_thresholds, class_names, out / "precision_recall.png")
 
-    kept = [d.above(deployed_threshold) for d in ranked]
+    kept = [d.above(threshold) for d, threshold in zip(ranked, score_thresholds, strict=True)]
     examples = []
     for outcome in pick_examples(image_outcomes(samples, kept), example_count):
         sample, shown = samples[outcome.index], kept[outcome.index]

@@ -14,7 +14,8 @@ score learns the box quality, which ranks detections well for AP and for NMS).
 A detector whose input has 2 channels (the served config says) sees the board and its registered template:
 each template is first moved off the board by a random shift and rotation (``--misregister-shift``,
 ``--misregister-angle``: line-scan drift) and brought back by the served registration, so the detector learns
-the registration's residual error; ``--template-dropout`` of the samples get the served "no template" fill
+the registration's residual error, then bent by up to ``--template-warp`` pixels, smoothly (the local stretch
+a rigid registration leaves: fringes along traces that are no defect); ``--template-dropout`` of the samples get the served "no template" fill
 instead, so requests without a template keep working. And ``--designed-defects`` of the labelled defects
 of a sample that keeps its template are copied into the template too and lose their label: a defect-shaped
 feature that the template also has is designed artwork, which teaches the detector to report differences from
@@ -37,7 +38,7 @@ from tqdm import tqdm
 from tools.arguments import add_data_arguments, validation_split
 from tools.contract import served_contract
 from tools.data.deeppcb import CLASS_NAMES, Sample, read_grey, read_split
-from tools.data.misregistration import Misregistration
+from tools.data.misregistration import Misregistration, local_warp
 from tools.data.splits import sample_group, split_record
 from tools.pipeline_math import TemplateRejected, image_ops, registration, registration_settings
 from tools.train.network import STRIDE, PcbDefectDetector, distances_to_xyxy, grid_centers
@@ -115,7 +116,7 @@ class CropSampler:
 
     def __init__(self, samples: list[Sample], crop: int, template_fraction: float, seed: int,
                  template_dropout: float = 0.0, misregister_shift: float = 0.0, misregister_angle: float = 0.0,
-                 designed_defects: float = 0.0):
+                 designed_defects: float = 0.0, template_warp: float = 0.0):
         self.samples = samples
         self.images = [read_grey(s.image_path) for s in tqdm(samples, desc="loading boards", leave=False)]
         self.templates = [read_grey(s.template_path) if s.template_path.exists() else None for s in samples]
@@ -124,6 +125,7 @@ class CropSampler:
         self.template_dropout = template_dropout
         self.misregister_shift, self.misregister_angle = misregister_shift, misregister_angle
         self.designed_defects = designed_defects
+        self.template_warp = template_warp
         self.settings = registration_settings()
         self.rng = np.random.default_rng(seed)
 
@@ -131,7 +133,7 @@ class CropSampler:
                             boxes: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """(template, which boxes keep their label). The template after a random drift and the served
         registration, with a ``designed_defects`` share of the boxes copied in from the image (those lose their
-        label); None (no template, every label kept) for a ``template_dropout`` share, when there is none, or
+        label), then bent by up to ``template_warp`` pixels; None (no template, every label kept) for a ``template_dropout`` share, when there is none, or
         when the registration refuses it."""
         every_label = np.ones(len(boxes), dtype=bool)
         if template is None or served_contract().channels != image_ops.TEMPLATE_CHANNELS:
@@ -146,6 +148,8 @@ class CropSampler:
             registered = registration.register_template(image, drift.apply(template, self.settings.fill), self.settings)
         except TemplateRejected:
             return None, every_label
+        if self.template_warp > 0:
+            return local_warp(registered[0], self.rng, self.template_warp), ~designed
         return registered[0], ~designed
 
     def batch(self, size: int):
@@ -262,7 +266,8 @@ def train(args: argparse.Namespace) -> Path:
     # The split, and the list it divided, travel with the weights: tools that must not see training boards check it.
     split_json = split_record(split, Path(args.data) / args.list)
     sampler = CropSampler(train_samples, args.crop, args.template_fraction, args.seed, args.template_dropout,
-                          args.misregister_shift, args.misregister_angle, args.designed_defects)
+                          args.misregister_shift, args.misregister_angle, args.designed_defects,
+                          args.template_warp)
 
     model = PcbDefectDetector(num_classes=len(CLASS_NAMES), in_channels=served_contract().channels)
     ema = AveragedModel(model, avg_fn=ramped_ema(args.ema_decay), use_buffers=True)
@@ -350,6 +355,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="templates drift by up to this many pixels before registration")
     parser.add_argument("--misregister-angle", type=float, default=1.0,
                         help="and turn by up to this many degrees")
+    parser.add_argument("--template-warp", type=float, default=4.0,
+                        help="registered templates bend smoothly by up to this many pixels (local stretch)")
     parser.add_argument("--designed-defects", type=float, default=0.25,
                         help="share of the defects copied into their (kept) template, unlabelled: designed artwork")
     parser.add_argument("--val-every", type=int, default=6, help="epochs between validation losses")

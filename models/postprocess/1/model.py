@@ -1,9 +1,11 @@
-"""Triton glue for postprocess: detector `output0` + `LETTERBOX` -> NUM_DETECTIONS, BOXES, SCORES, CLASSES.
+"""Triton glue for postprocess: detector `output0` + `LETTERBOX` [+ `REGISTRATION`] -> NUM_DETECTIONS, BOXES,
+SCORES, CLASSES.
 
-Defaults come from the config parameters `score_threshold`, `iou_threshold`, `pre_nms_top_k`; K (the
-padded detection count) from the BOXES output dims. Requests may override the two thresholds with request
-parameters of the same names. All requests of a dynamic batch go through one batched call, each image with
-its own request's thresholds: box_ops.postprocess_batch_opencv on CPU instances, box_ops.postprocess_batch
+Defaults come from the config parameters `score_threshold` (images without a template),
+`template_score_threshold` (images whose template registered, by the optional REGISTRATION input),
+`iou_threshold`, `pre_nms_top_k`; K (the padded detection count) from the BOXES output dims. Requests may
+override the two thresholds with request parameters `score_threshold` and `iou_threshold`. All requests of a
+dynamic batch go through one batched call, each image with its own thresholds: box_ops.postprocess_batch_opencv on CPU instances, box_ops.postprocess_batch
 (CuPy) on GPU instances. The array code is box_ops.py beside this file.
 
 Metrics (docs/operations.md): every image answered counts in pcb_inspected_images_total, its defects in
@@ -32,6 +34,8 @@ class TritonPythonModel:
         self.default_thresholds = {
             name: thresholds.parse_threshold(name, parameters[name]) for name in thresholds.THRESHOLD_NAMES
         }
+        self.template_score_threshold = thresholds.parse_threshold(
+            "template_score_threshold", parameters["template_score_threshold"])
         self.pre_nms_top_k = int(parameters["pre_nms_top_k"])
         self.uncounted_parameter = parameters["uncounted_parameter"]
         self.max_detections = int(pb_utils.get_output_config_by_name(config, "BOXES")["dims"][0])
@@ -49,13 +53,14 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        accepted = []  # (request index, its thresholds)
+        accepted = []  # (request index, its thresholds, whether it set its own score threshold)
         counted = []  # per request: whether its images count in the metrics (not a pcb_scan tile)
         for index, request in enumerate(requests):
             request_parameters = json.loads(request.parameters())
             counted.append(not request_parameters.get(self.uncounted_parameter))
             try:
-                accepted.append((index, thresholds.resolve_thresholds(request_parameters, self.default_thresholds)))
+                chosen = thresholds.resolve_thresholds(request_parameters, self.default_thresholds)
+                accepted.append((index, chosen, "score_threshold" in request_parameters))
             except ValueError as exc:
                 if counted[index]:
                     self.metrics.reject(BAD_PARAMETER, int(self._input(request, "LETTERBOX").shape[0]))
@@ -64,20 +69,29 @@ class TritonPythonModel:
                 )
         if not accepted:
             return responses
-        predictions = [self._input(requests[index], "output0") for index, _ in accepted]
-        geometries = [self._input(requests[index], "LETTERBOX") for index, _ in accepted]
+        predictions = [self._input(requests[index], "output0") for index, _, _ in accepted]
+        geometries = [self._input(requests[index], "LETTERBOX") for index, _, _ in accepted]
         sizes = [int(prediction.shape[0]) for prediction in predictions]
         outputs = self._postprocess(
             self._concatenate(predictions), self._concatenate(geometries),
-            np.repeat([chosen["score_threshold"] for _, chosen in accepted], sizes),
-            np.repeat([chosen["iou_threshold"] for _, chosen in accepted], sizes),
+            np.concatenate([self._score_thresholds(requests[index], chosen["score_threshold"], size, own)
+                            for (index, chosen, own), size in zip(accepted, sizes)]),
+            np.repeat([chosen["iou_threshold"] for _, chosen, _ in accepted], sizes),
         )
-        for (index, _), end, size in zip(accepted, np.cumsum(sizes), sizes):
+        for (index, _, _), end, size in zip(accepted, np.cumsum(sizes), sizes):
             responses[index] = pb_utils.InferenceResponse(
                 output_tensors=[self._output(name, array[end - size : end]) for name, array in zip(OUTPUT_NAMES, outputs)]
             )
-        self._count(outputs, np.repeat([counted[index] for index, _ in accepted], sizes))
+        self._count(outputs, np.repeat([counted[index] for index, _, _ in accepted], sizes))
         return responses
+
+    def _score_thresholds(self, request, score_threshold, size, request_set_it):
+        """One score threshold per image of the request: the request's own, or the deployed one of each image's
+        kind (with or without a registered template)."""
+        if request_set_it or pb_utils.get_input_tensor_by_name(request, "REGISTRATION") is None:
+            return np.full(size, score_threshold)
+        scores = self._host(self._input(request, "REGISTRATION"))[:, 3]
+        return thresholds.image_score_thresholds(scores, score_threshold, self.template_score_threshold)
 
     def _count(self, outputs, rows):
         """The metrics of the images answered in the batch rows where ``rows`` is true."""

@@ -1,7 +1,9 @@
-"""Reading the score / IoU thresholds a request may override."""
+"""Reading the score / IoU thresholds a request may override, and the deployed score threshold of each image."""
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 THRESHOLD_NAMES = ("score_threshold", "iou_threshold")
 
@@ -27,3 +29,9 @@ def resolve_thresholds(request_parameters: dict, defaults: dict[str, float]) -> 
         name: parse_threshold(name, request_parameters[name]) if name in request_parameters else default
         for name, default in defaults.items()
     }
+
+
+def image_score_thresholds(registration_scores, score_threshold: float, template_score_threshold: float) -> np.ndarray:
+    """The deployed score threshold of each image: ``template_score_threshold`` where its template registered
+    (REGISTRATION's score > 0; all zeros without a template), ``score_threshold`` elsewhere."""
+    return np.where(np.asarray(registration_scores) > 0, template_score_threshold, score_threshold)

@@ -71,7 +71,7 @@ def pipeline_sweep(url: str, contract: ServedContract, boards: list[Path], concu
         "boards": len(boards),
         "score_threshold": score_threshold,
         "with_templates": with_templates,
-        "default_score_threshold": contract.score_threshold,
+        "default_score_threshold": contract.template_score_threshold if with_templates else contract.score_threshold,
         "measurement": asdict(measurement),
         "targets": TARGETS,
         "results": [with_target_checks(row) for row in rows],
