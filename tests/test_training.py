@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tools.contract import served_contract
+from tools.data.misregistration import local_warp, pixel_grid
 from tools.data.splits import DEFAULT_SPLIT, ValidationSplit, check_model_split, recorded_split
 from tools.train import export as export_onnx
 from tools.train import recipe as train_detector
@@ -138,3 +139,26 @@ def test_designed_defects_are_copied_into_the_template_and_lose_their_label(synt
     # A designed defect differs from the board only by the registration's sub-pixel resampling of its edges.
     assert max(difference(box) for box in sample.boxes[~labelled]) < 12
     assert min(difference(box) for box in sample.boxes[labelled]) > 15
+
+
+def test_local_warp_bends_smoothly_by_at_most_its_limit():
+    """The template's local stretch: every pixel moves by at most max_shift, neighbours alike (a smooth field),
+    and by nothing at a limit of 0."""
+    xs, _ = pixel_grid(200, 300)
+    rng = np.random.default_rng(5)
+    inner = (slice(6, -6), slice(6, -6))  # the border repeats its edge pixels
+    shifts = [(local_warp(xs, rng, 4.0) - xs)[inner] for _ in range(5)]  # an image of x: its value moves with it
+    assert max(np.abs(shift).max() for shift in shifts) <= 4.0 + 1e-3
+    assert max(np.abs(shift).max() for shift in shifts) > 0.5
+    assert max(np.abs(np.diff(shift, axis=1)).max() for shift in shifts) < 0.2  # smooth: no tears
+    np.testing.assert_array_equal(local_warp(xs, rng, 0.0), xs)
+
+
+def test_template_warp_bends_the_registered_template(synthetic_boards):
+    sample = synthetic_boards[0]
+    kwargs = dict(crop=160, template_fraction=0.0, seed=2)
+    straight = train_detector.CropSampler([sample], **kwargs)
+    bent = train_detector.CropSampler([sample], **kwargs, template_warp=4.0)
+    registered = [s.registered_template(s.images[0], s.templates[0], sample.boxes)[0] for s in (straight, bent)]
+    difference = np.abs(registered[0].astype(int) - registered[1])
+    assert 0 < difference.mean() < 20  # bent, not replaced
