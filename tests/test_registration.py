@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tools.data.deeppcb import read_grey, read_split
-from tools.data.misregistration import Misregistration
+from tools.data.misregistration import Misregistration, local_warp
 from tools.pipeline_math import TemplateRejected, registration, registration_settings
 
 SETTINGS = registration_settings()
@@ -94,7 +94,8 @@ def test_a_prealigned_template_is_scored_where_it_lies_not_searched_nor_refused(
     board, other = templates[0], templates[1]
     prealigned = SETTINGS.for_prealigned()
     registered, found = registration.register_template(board, board, prealigned)
-    assert registered is board and found[:3].tolist() == [0, 0, 0] and found[3] > 0.99
+    assert np.abs(registered.astype(int) - board).mean() < 1  # not moved (its bend onto itself is no bend)
+    assert found[:3].tolist() == [0, 0, 0] and found[3] > 0.99
     _, moved = registration.register_template(board, Misregistration(6, 0, 0).apply(board, SETTINGS.fill), prealigned)
     assert moved[:3].tolist() == [0, 0, 0] and moved[3] < found[3], "scored where it lies: a moved one scores less"
     # A tile of blank margin, or of another board, is reported with its score, not refused: the scan passed.
@@ -105,3 +106,40 @@ def test_a_prealigned_template_is_scored_where_it_lies_not_searched_nor_refused(
     band = board.copy()
     band[:, -60:] = round(SETTINGS.fill)
     assert registration.register_template(board, band, prealigned)[1][3] == pytest.approx(found[3], abs=0.01)
+
+
+def xor_pixels(a: np.ndarray, b: np.ndarray, region=(slice(8, -8), slice(8, -8))) -> int:
+    """Pixels where two binarised boards disagree, inside a margin (where a bend repeats its edge pixels)."""
+    return int(np.count_nonzero((a[region] > 127) != (b[region] > 127)))
+
+
+def test_local_stretch_is_bent_away_and_a_defect_is_not(templates):
+    """A template stretched locally by up to 3 px disagrees with its board along every trace edge; bent onto the
+    board it agrees again, except where the board has a defect the template lacks (it stays to be found)."""
+    rng = np.random.default_rng(11)
+    assert SETTINGS.local_max_shift >= 3
+    stretched_boards = 0
+    for board in templates:
+        stretched = local_warp(board, rng, 3.0)  # a random share of 3 px: some hardly move
+        inspected = board.copy()
+        inspected[300:312, 300:312] = 255 - inspected[300:312, 300:312]  # a 12 px defect: copper flipped
+        bent = registration.bend_onto(inspected, stretched, SETTINGS.local_max_shift)
+        defect = (slice(300, 312), slice(300, 312))
+        assert xor_pixels(inspected, bent, defect) >= 0.8 * 144  # the defect still differs from the template
+        outside = inspected.copy()
+        outside[defect], bent[defect] = 0, 0
+        if xor_pixels(board, stretched) > 200:
+            stretched_boards += 1
+            assert xor_pixels(outside, bent) < 0.4 * xor_pixels(board, stretched)  # the stretch is taken up
+    assert stretched_boards >= 2
+
+
+def test_a_bend_never_moves_a_pixel_beyond_its_limit(templates):
+    board = templates[0]
+    stretched = local_warp(board, np.random.default_rng(2), 8.0)  # more than the limit can take up
+    ys, xs = np.mgrid[0 : board.shape[0], 0 : board.shape[1]].astype(np.float32)
+    for limit in (1.0, 3.0):
+        field = registration.bend_field(board, stretched, limit)
+        displacement = field - np.dstack([xs, ys])
+        assert np.abs(displacement).max() <= limit + 1e-3 and np.abs(displacement).max() > 0.5 * limit
+    assert registration.bend_onto(board, stretched, 0.0) is stretched  # 0: rigid only

@@ -29,7 +29,7 @@ CPU_CONFIG_NAME = "cpu"
 CONFIG_NAMES = (None, CPU_CONFIG_NAME)  # the default (GPU) configs and the CPU fallback
 LABELS_FILE = "labels.txt"  # in the detector's version folder
 REGISTRATION_PARAMETERS = ("registration_max_shift", "registration_max_angle", "registration_min_score",
-                           "template_size_tolerance", "registration_scale")
+                           "template_size_tolerance", "registration_scale", "registration_local_max_shift")
 BOX_COORDINATES = 4  # the detector output's first rows: cx, cy, w, h; one score row per class follows
 
 

@@ -13,9 +13,9 @@ score learns the box quality, which ranks detections well for AP and for NMS).
 
 A detector whose input has 2 channels (the served config says) sees the board and its registered template:
 each template is first moved off the board by a random shift and rotation (``--misregister-shift``,
-``--misregister-angle``: line-scan drift) and brought back by the served registration, so the detector learns
-the registration's residual error, then bent by up to ``--template-warp`` pixels, smoothly (the local stretch
-a rigid registration leaves: fringes along traces that are no defect); ``--template-dropout`` of the samples get the served "no template" fill
+``--misregister-angle``: line-scan drift) and bent smoothly by up to ``--template-warp`` pixels (a line-scan
+image's local stretch), then brought back by the served registration (rigid, then bent onto the board), so the
+detector learns the registration's residual error; ``--template-dropout`` of the samples get the served "no template" fill
 instead, so requests without a template keep working. And ``--designed-defects`` of the labelled defects
 of a sample that keeps its template are copied into the template too and lose their label: a defect-shaped
 feature that the template also has is designed artwork, which teaches the detector to report differences from
@@ -133,7 +133,7 @@ class CropSampler:
                             boxes: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """(template, which boxes keep their label). The template after a random drift and the served
         registration, with a ``designed_defects`` share of the boxes copied in from the image (those lose their
-        label), then bent by up to ``template_warp`` pixels; None (no template, every label kept) for a ``template_dropout`` share, when there is none, or
+        label) and a smooth bend of up to ``template_warp`` pixels; None (no template, every label kept) for a ``template_dropout`` share, when there is none, or
         when the registration refuses it."""
         every_label = np.ones(len(boxes), dtype=bool)
         if template is None or served_contract().channels != image_ops.TEMPLATE_CHANNELS:
@@ -144,12 +144,13 @@ class CropSampler:
         if designed.any():
             template = with_designed_defects(image, template, boxes[designed])
         drift = Misregistration.random(self.rng, self.misregister_shift, self.misregister_angle)
+        moved = drift.apply(template, self.settings.fill)
+        if self.template_warp > 0:
+            moved = local_warp(moved, self.rng, self.template_warp)
         try:
-            registered = registration.register_template(image, drift.apply(template, self.settings.fill), self.settings)
+            registered = registration.register_template(image, moved, self.settings)
         except TemplateRejected:
             return None, every_label
-        if self.template_warp > 0:
-            return local_warp(registered[0], self.rng, self.template_warp), ~designed
         return registered[0], ~designed
 
     def batch(self, size: int):
