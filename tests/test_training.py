@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from tools.contract import served_contract
-from tools.data.misregistration import local_warp, pixel_grid
+from tools.data.misregistration import local_warp
 from tools.data.splits import DEFAULT_SPLIT, ValidationSplit, check_model_split, recorded_split
+from tools.pipeline_math import registration
 from tools.train import export as export_onnx
 from tools.train import recipe as train_detector
 from tools.train.network import PcbDefectDetector, grid_centers
@@ -144,7 +145,7 @@ def test_designed_defects_are_copied_into_the_template_and_lose_their_label(synt
 def test_local_warp_bends_smoothly_by_at_most_its_limit():
     """The template's local stretch: every pixel moves by at most max_shift, neighbours alike (a smooth field),
     and by nothing at a limit of 0."""
-    xs, _ = pixel_grid(200, 300)
+    xs = registration.pixel_grid(200, 300)[..., 0].copy()
     rng = np.random.default_rng(5)
     inner = (slice(6, -6), slice(6, -6))  # the border repeats its edge pixels
     shifts = [(local_warp(xs, rng, 4.0) - xs)[inner] for _ in range(5)]  # an image of x: its value moves with it

@@ -10,7 +10,6 @@ registration, and the detector must not read them as opens.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import cv2
@@ -44,22 +43,16 @@ class Misregistration:
         return registration.describe_transform(cv2.invertAffineTransform(matrix), width, height)
 
 
-@functools.lru_cache(maxsize=4)
-def pixel_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) coordinate of every pixel, float32; cached because training warps thousands of same-size boards."""
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    return xs, ys
-
-
 def local_warp(image: np.ndarray, rng: np.random.Generator, max_shift: float, cells: int = 4) -> np.ndarray:
     """``image`` moved by a smooth random displacement of at most ``max_shift`` pixels (a random share of it),
     varying over about ``cells`` periods across the image; the border repeats its edge pixels."""
     height, width = image.shape[:2]
     amplitude = rng.uniform(0, max_shift)
-    maps = []
-    for grid in pixel_grid(height, width):
+    fields = []
+    for _ in range(2):  # x, then y
         coarse = rng.uniform(-1, 1, (cells + 1, cells + 1)).astype(np.float32)
         field = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
         peak = float(np.abs(field).max())
-        maps.append(grid + field * (amplitude / peak if peak > 0 else 0.0))
-    return cv2.remap(image, maps[0], maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        fields.append(field * np.float32(amplitude / peak if peak > 0 else 0.0))
+    return cv2.remap(image, registration.pixel_grid(height, width) + np.dstack(fields), None, cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_REPLICATE)
