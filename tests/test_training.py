@@ -163,3 +163,13 @@ def test_template_warp_bends_the_registered_template(synthetic_boards):
     registered = [s.registered_template(s.images[0], s.templates[0], sample.boxes)[0] for s in (straight, bent)]
     difference = np.abs(registered[0].astype(int) - registered[1])
     assert 0 < difference.mean() < 20  # bent, not replaced
+
+
+def test_training_registers_rigidly_unless_asked_to_bend(synthetic_boards):
+    """The shipped detector trained on rigidly registered templates; --bend-templates adds the served bend."""
+    sample = synthetic_boards[0]
+    assert served_contract().registration_parameters["registration_local_max_shift"] > 0
+    rigid = train_detector.CropSampler([sample], crop=160, template_fraction=0.0, seed=2)
+    bent = train_detector.CropSampler([sample], crop=160, template_fraction=0.0, seed=2, bend_templates=True)
+    assert rigid.settings.local_max_shift == 0
+    assert bent.settings.local_max_shift == served_contract().registration_parameters["registration_local_max_shift"]

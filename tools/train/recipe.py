@@ -13,9 +13,10 @@ score learns the box quality, which ranks detections well for AP and for NMS).
 
 A detector whose input has 2 channels (the served config says) sees the board and its registered template:
 each template is first moved off the board by a random shift and rotation (``--misregister-shift``,
-``--misregister-angle``: line-scan drift) and bent smoothly by up to ``--template-warp`` pixels (a line-scan
-image's local stretch), then brought back by the served registration (rigid, then bent onto the board), so the
-detector learns the registration's residual error; ``--template-dropout`` of the samples get the served "no template" fill
+``--misregister-angle``: line-scan drift) and brought back by the served registration's rigid map, so the
+detector learns its residual error; ``--template-warp PX --bend-templates`` also bends each template by up to
+PX before and onto the board after (the served registration's local bend), which the shipped detector was not
+trained with (the model card says why); ``--template-dropout`` of the samples get the served "no template" fill
 instead, so requests without a template keep working. And ``--designed-defects`` of the labelled defects
 of a sample that keeps its template are copied into the template too and lose their label: a defect-shaped
 feature that the template also has is designed artwork, which teaches the detector to report differences from
@@ -24,6 +25,7 @@ the template rather than shapes it has learnt (the false alarms on board designs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import random
@@ -116,7 +118,7 @@ class CropSampler:
 
     def __init__(self, samples: list[Sample], crop: int, template_fraction: float, seed: int,
                  template_dropout: float = 0.0, misregister_shift: float = 0.0, misregister_angle: float = 0.0,
-                 designed_defects: float = 0.0, template_warp: float = 0.0):
+                 designed_defects: float = 0.0, template_warp: float = 0.0, bend_templates: bool = False):
         self.samples = samples
         self.images = [read_grey(s.image_path) for s in tqdm(samples, desc="loading boards", leave=False)]
         self.templates = [read_grey(s.template_path) if s.template_path.exists() else None for s in samples]
@@ -126,14 +128,16 @@ class CropSampler:
         self.misregister_shift, self.misregister_angle = misregister_shift, misregister_angle
         self.designed_defects = designed_defects
         self.template_warp = template_warp
-        self.settings = registration_settings()
+        # The served registration; its local bend only with bend_templates.
+        served = registration_settings()
+        self.settings = served if bend_templates else dataclasses.replace(served, local_max_shift=0.0)
         self.rng = np.random.default_rng(seed)
 
     def registered_template(self, image: np.ndarray, template: np.ndarray | None,
                             boxes: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """(template, which boxes keep their label). The template after a random drift and the served
         registration, with a ``designed_defects`` share of the boxes copied in from the image (those lose their
-        label) and a smooth bend of up to ``template_warp`` pixels; None (no template, every label kept) for a ``template_dropout`` share, when there is none, or
+        label) and a smooth local warp of up to ``template_warp`` pixels; None (no template, every label kept) for a ``template_dropout`` share, when there is none, or
         when the registration refuses it."""
         every_label = np.ones(len(boxes), dtype=bool)
         if template is None or served_contract().channels != image_ops.TEMPLATE_CHANNELS:
@@ -268,7 +272,7 @@ def train(args: argparse.Namespace) -> Path:
     split_json = split_record(split, Path(args.data) / args.list)
     sampler = CropSampler(train_samples, args.crop, args.template_fraction, args.seed, args.template_dropout,
                           args.misregister_shift, args.misregister_angle, args.designed_defects,
-                          args.template_warp)
+                          args.template_warp, args.bend_templates)
 
     model = PcbDefectDetector(num_classes=len(CLASS_NAMES), in_channels=served_contract().channels)
     ema = AveragedModel(model, avg_fn=ramped_ema(args.ema_decay), use_buffers=True)
@@ -356,8 +360,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="templates drift by up to this many pixels before registration")
     parser.add_argument("--misregister-angle", type=float, default=1.0,
                         help="and turn by up to this many degrees")
-    parser.add_argument("--template-warp", type=float, default=4.0,
-                        help="registered templates bend smoothly by up to this many pixels (local stretch)")
+    parser.add_argument("--template-warp", type=float, default=0.0,
+                        help="templates also bend smoothly by up to this many pixels before registration (stretch)")
+    parser.add_argument("--bend-templates", action="store_true",
+                        help="register with the served local bend too (registration_local_max_shift)")
     parser.add_argument("--designed-defects", type=float, default=0.25,
                         help="share of the defects copied into their (kept) template, unlabelled: designed artwork")
     parser.add_argument("--val-every", type=int, default=6, help="epochs between validation losses")

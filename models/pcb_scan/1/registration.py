@@ -11,8 +11,8 @@ A rigid map leaves the local stretch of a line-scan image (camera speed jitter, 
 fringes of 2-4 px along traces that the detector took for opens. So the registered template is then bent onto
 the image by a smooth displacement of at most ``local_max_shift`` px: DIS optical flow (``cv2.DISOpticalFlow``)
 on half-size copies, smoothed, clipped to that bound so it takes up stretch but cannot close a real defect.
-Measured on the 200 held-out DeepPCB boards with the detector trained on rigid registration: false alarms 49 ->
-17 at the threshold of then, DeepPCB AP 97.77 -> 98.87 %, for about 1.3 ms per 640x640 board.
+Measured on the 200 held-out DeepPCB boards, the detector trained on rigid registration: DeepPCB AP 97.77 ->
+98.89 %, false alarms 49 -> 29 and misses 65 -> 44 (each at its deployed threshold), for about 1.3 ms a board.
 
 A template registered already (``RegistrationSettings.prealigned``: pcb_scan registers a scan's template onto
 the whole scan, then sends its tiles' windows) is only scored where it lies, not searched (a tile can hold
@@ -37,7 +37,7 @@ BAD_TEMPLATE, TEMPLATE_MISMATCH = "bad_template", "template_mismatch"
 REJECTION_REASONS = (BAD_TEMPLATE, TEMPLATE_MISMATCH)
 COARSE_SCALE = 0.25  # phase correlation's copy: 160 px for a 640 px board, a fraction of a millisecond
 ECC_ITERATIONS, ECC_EPSILON, ECC_BLUR = 30, 1e-4, 3
-# The local bend: flow on this fraction of full size (a quarter bent less well: 98.29 against 98.87 % AP),
+# The local bend: flow on this fraction of full size (a quarter bent less well: 98.29 against 98.87 % AP, offline),
 # smoothed with this Gaussian sigma in flow pixels (so the field follows stretch, not the edges of a defect).
 BEND_SCALE, BEND_SMOOTHING = 0.5, 2.0
 
