@@ -159,7 +159,8 @@ def template_setup(setup: dict) -> str:
 
 
 def threshold_description(used, setup: dict) -> str:
-    """" 0.55 (a registered template)": the deployed threshold(s) the boards were judged at, each with its kind."""
+    """The deployed threshold(s) the boards were judged at, each with its kind: "s 0.5 (a registered template)
+    and 0.65 (no template)", or " 0.6" where the two defaults are one."""
     kinds = {setup["deployed_score_threshold"]: "no template",
              setup["deployed_template_score_threshold"]: "a registered template"}
     if len(kinds) == 1:  # the two defaults are the same
@@ -246,9 +247,9 @@ METHOD = (
     "score order, as a results file lists them) of the same class whose IoU is strictly above 0.33. AP pools "
     "every detection of every board ranked by score and is uninterpolated: the sum of precision at each true "
     "positive's rank over the number of defects. The F-score counts detections scoring above the deployed "
-    "threshold of their board (postprocess's template_score_threshold where the board's template registered, its "
-    "score_threshold otherwise), as the postprocess step keeps them. mAP@0.5 follows PASCAL VOC 2010+: per class, detections by "
-    "descending score take the best-IoU defect (IoU > 0.5, each defect once); all-point interpolated AP, averaged "
+    "threshold of their board (postprocess's template_score_threshold where the board's template registered, "
+    "its score_threshold otherwise), as the postprocess step keeps them. mAP@0.5 follows PASCAL VOC 2010+: per "
+    "class, detections by descending score take the best-IoU defect (IoU > 0.5, each defect once); all-point interpolated AP, averaged "
     "over classes with defects."
 )
 

@@ -137,8 +137,8 @@ class CropSampler:
                             boxes: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """(template, which boxes keep their label). The template after a random drift and the served
         registration, with a ``designed_defects`` share of the boxes copied in from the image (those lose their
-        label) and a smooth local warp of up to ``template_warp`` pixels; None (no template, every label kept) for a ``template_dropout`` share, when there is none, or
-        when the registration refuses it."""
+        label) and a smooth local warp of up to ``template_warp`` pixels; None (no template, every label kept)
+        for a ``template_dropout`` share, when there is none, or when the registration refuses it."""
         every_label = np.ones(len(boxes), dtype=bool)
         if template is None or served_contract().channels != image_ops.TEMPLATE_CHANNELS:
             return None, every_label
