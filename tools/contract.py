@@ -133,9 +133,12 @@ class ServedContract:
     def deployed_score_threshold(self, registration) -> float:
         """postprocess's default score threshold for an image with this ``REGISTRATION`` (None without a
         template): the template one where the template registered (a score > 0; for a scan, in any tile's row:
-        a blank tile scored 0 is judged at the other, and has nothing to report)."""
-        registered = registration is not None and bool((np.asarray(registration).reshape(-1, 4)[:, 3] > 0).any())
-        return self.template_score_threshold if registered else self.score_threshold
+        a blank tile scored 0 is judged at the other, and has nothing to report). The rule is postprocess's own
+        (its thresholds.py), not a copy."""
+        from tools.pipeline_math import thresholds  # imported here: pipeline_math reads this module at import
+
+        score = 0.0 if registration is None else float(np.asarray(registration).reshape(-1, 4)[:, 3].max(initial=0.0))
+        return float(thresholds.image_score_thresholds(score, self.score_threshold, self.template_score_threshold))
 
     @property
     def detector_version_dir(self) -> Path:

@@ -9,7 +9,8 @@ scores each tile's window where it lies instead of searching it again, which a t
 (lines running along the tile match themselves shifted) and which would cost a registration per tile. Each
 tile's REGISTRATION row is the scan's registration seen from that tile, with the tile's score: where that
 window of the template went (the pipeline's convention, in the tile's pixels). The scan is registered as one
-rigid piece: shift and turn, not a stretch along the scan.
+rigid piece (shift and turn); preprocess then bends each tile's window onto its tile by a few pixels
+(`registration_local_max_shift`), which takes up a small stretch along the scan within a tile.
 """
 from __future__ import annotations
 
