@@ -17,7 +17,14 @@ from tools.eval.benchmark.perf_analyzer import (
     write_perf_analyzer_input,
 )
 from tools.eval.benchmark.report import PLOT_FILE, markdown_report
-from tools.eval.benchmark.server_stats import PHASES, ModelCounters, stage_breakdown, stage_models
+from tools.eval.benchmark import server_stats
+from tools.eval.benchmark.server_stats import (
+    PHASES,
+    ModelCounters,
+    settled_snapshot,
+    stage_breakdown,
+    stage_models,
+)
 from tools.pipeline_math import scan_windows
 
 CONTRACT = served_contract(CPU_CONFIG_NAME)
@@ -70,6 +77,32 @@ def test_stage_breakdown_is_per_request_over_the_level():
     assert stages["mean_batch"] == 2.0
     assert stages["request_ms"] == 10.0
     assert stages["compute_infer_ms"] == 2.0
+
+
+def lagging_server(monkeypatch, counts: list[int]):
+    """A server whose scan model's request counter reads ``counts`` on successive snapshots, then stays."""
+    readings = iter(counts)
+    last = [counts[0]]
+
+    def snapshot(url, models):
+        last[0] = next(readings, last[0])
+        return {"scan": ModelCounters(last[0], 0, last[0], last[0], {phase: 0 for phase in PHASES})}
+
+    monkeypatch.setattr(server_stats, "snapshot", snapshot)
+
+
+def test_settled_snapshot_waits_for_statistics_reported_after_the_response(monkeypatch):
+    # The Python backend counts a request just after sending its response: the first reads still miss it.
+    lagging_server(monkeypatch, [3, 3, 4])
+    assert settled_snapshot("url", ["scan"], {"scan": 4}, poll_s=0.001)["scan"].requests == 4
+    lagging_server(monkeypatch, [3, 4, 5, 5])  # no expectation: until two reads agree
+    assert settled_snapshot("url", ["scan"], poll_s=0.001)["scan"].requests == 5
+
+
+def test_settled_snapshot_says_when_requests_go_uncounted(monkeypatch):
+    lagging_server(monkeypatch, [3])
+    with pytest.raises(RuntimeError, match=r"did not count the requests sent.*'scan': \(3, 5\)"):
+        settled_snapshot("url", ["scan"], {"scan": 5}, timeout_s=0.05, poll_s=0.001)
 
 
 def test_report_compares_with_the_targets():

@@ -19,7 +19,7 @@ from tools.contract import ServedContract
 from tools.data.deeppcb import read_grey
 from tools.data.mosaic import stitch
 from tools.eval.benchmark.latency import percentiles_ms
-from tools.eval.benchmark.server_stats import snapshot, stage_breakdown, stage_models
+from tools.eval.benchmark.server_stats import settled_snapshot, snapshot, stage_breakdown, stage_models
 from tools.pipeline_math import scan_windows
 
 
@@ -52,8 +52,9 @@ def time_scans(url: str, contract: ServedContract, scan: bytes, side: int, count
     models = [contract.scan_model, *stage_models(contract)]
     templates = None if template is None else [template]
     with PipelineClient(url, contract=contract, timeout_s=600) as client:
+        started = snapshot(url, models)[contract.scan_model].requests
         client.infer([scan], scans=True, templates=templates)  # warm-up, not timed
-        before = snapshot(url, models)
+        before = settled_snapshot(url, models, {contract.scan_model: started + 1})
         latencies: list[float] = []
 
         def one_scan(_):
@@ -66,7 +67,7 @@ def time_scans(url: str, contract: ServedContract, scan: bytes, side: int, count
             list(tqdm(pool.map(one_scan, range(count)), total=count, desc=f"scans, concurrency {concurrency}",
                       unit="scan"))
         elapsed = time.perf_counter() - began
-        after = snapshot(url, models)
+        after = settled_snapshot(url, models, {contract.scan_model: before[contract.scan_model].requests + count})
     return {
         "scan_pixels": [side, side],
         "tiles_per_scan": tiles,

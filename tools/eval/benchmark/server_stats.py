@@ -6,6 +6,7 @@ so for a dynamically batched model the per-request compute is the time of the ba
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import tritonclient.grpc as grpcclient
@@ -46,6 +47,27 @@ def snapshot(url: str, models: list[str]) -> dict[str, ModelCounters]:
             requests=phases.success.count, request_ns=phases.success.ns, executions=stats.execution_count,
             inferences=stats.inference_count, phase_ns={phase: getattr(phases, phase).ns for phase in PHASES})
     return counters
+
+
+def settled_snapshot(url: str, models: list[str], at_least: dict[str, int] | None = None,
+                     timeout_s: float = 10.0, poll_s: float = 0.05) -> dict[str, ModelCounters]:
+    """A snapshot once the counters have caught up: each model in ``at_least`` counts at least that many
+    requests and two snapshots ``poll_s`` apart agree. Why: a Python backend model reports a request's
+    statistics just after sending its response, so a snapshot taken as the client returns can miss it."""
+    at_least = at_least or {}
+    deadline = time.monotonic() + timeout_s
+    previous = snapshot(url, models)
+    while True:
+        time.sleep(poll_s)
+        current = snapshot(url, models)
+        caught_up = all(current[model].requests >= count for model, count in at_least.items())
+        if (caught_up and current == previous) or time.monotonic() > deadline:
+            if not caught_up:
+                short = {model: (current[model].requests, count) for model, count in at_least.items()}
+                raise RuntimeError(f"the server at {url} did not count the requests sent within {timeout_s} s: "
+                                   f"(counted, sent) per model {short}")
+            return current
+        previous = current
 
 
 def _ms_per(ns: int, count: int) -> float:

@@ -13,7 +13,7 @@ from tools.contract import ServedContract
 from tools.eval.benchmark.cpu_time import CpuMeter
 from tools.eval.benchmark.perf_analyzer import Measurement, PerfAnalyzer, PerfAnalyzerUnavailable
 from tools.eval.benchmark.python_client import PythonClientLoad
-from tools.eval.benchmark.server_stats import snapshot, stage_breakdown, stage_models
+from tools.eval.benchmark.server_stats import settled_snapshot, stage_breakdown, stage_models
 
 TARGETS = {"throughput_per_s": 500.0, "p50_ms": 50.0, "p99_ms": 100.0}  # design targets, for a GPU server
 CLIENTS = ("perf_analyzer", "python")  # --client: perf_analyzer (the Python client if it cannot run), or Python
@@ -26,10 +26,10 @@ def measure_levels(load, url: str, models: list[str], concurrency: list[int]) ->
     with load:
         meter = CpuMeter(url)  # once the load is up: a server started for the run has its stubs by now
         for level in concurrency:
-            before = snapshot(url, models)
+            before = settled_snapshot(url, models)
             meter.start()
             row = load.measure(level)
-            row["stages"] = stage_breakdown(before, snapshot(url, models))
+            row["stages"] = stage_breakdown(before, settled_snapshot(url, models))
             row["cpu"] = meter.stop(row["stages"][models[-1]]["requests"])
             rows.append(row)
     return rows
