@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from tools.contract import CPU_CONFIG_NAME, load_repository, served_contract
+from tools.eval.benchmark import server_stats
 from tools.eval.benchmark.__main__ import main
 from tools.eval.benchmark.bare_detector import ServedDetector, bare_batch_sizes
 from tools.eval.benchmark.perf_analyzer import (
@@ -17,7 +18,6 @@ from tools.eval.benchmark.perf_analyzer import (
     write_perf_analyzer_input,
 )
 from tools.eval.benchmark.report import PLOT_FILE, markdown_report
-from tools.eval.benchmark import server_stats
 from tools.eval.benchmark.server_stats import (
     PHASES,
     ModelCounters,

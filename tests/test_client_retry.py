@@ -100,3 +100,51 @@ def test_one_attempt_turns_retrying_off_and_bad_settings_are_refused(sleeps):
         PipelineClient("localhost:1", max_attempts=0)
     with pytest.raises(ValueError):
         PipelineClient("localhost:1", retry_backoff_s=2.0, retry_backoff_max_s=1.0)
+
+
+IN_USE = InferenceServerException(
+    "Cannot unregister shared memory region 'pcb-inspect-1', it is currently in use.", status="StatusCode.INTERNAL")
+
+
+class SharedMemoryFakeClient(FakeClient):
+    """Answers infer; refuses to unregister a region with the given errors first (Triton 2.51's race)."""
+
+    def __init__(self, unregister_errors):
+        super().__init__([])
+        self.unregister_errors = list(unregister_errors)
+        self.registered: set[str] = set()
+
+    def register_system_shared_memory(self, name, key, byte_size):
+        self.registered.add(name)
+
+    def unregister_system_shared_memory(self, name):
+        if self.unregister_errors:
+            raise self.unregister_errors.pop(0)
+        self.registered.discard(name)
+
+
+def shared_memory_client(unregister_errors) -> tuple[PipelineClient, SharedMemoryFakeClient]:
+    client = PipelineClient("localhost:1")
+    client._client.close()
+    client._client = fake = SharedMemoryFakeClient(unregister_errors)
+    return client, fake
+
+
+def test_a_region_still_held_by_the_server_is_unregistered_once_released(sleeps):
+    client, fake = shared_memory_client([IN_USE, IN_USE])
+    [detections] = client.infer([b"image"], shared_memory=True)
+    assert len(detections.scores) == 0 and fake.registered == set() and len(sleeps) == 2
+
+
+def test_other_unregister_errors_are_raised_at_once(sleeps):
+    client, fake = shared_memory_client([INVALID])
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer([b"image"], shared_memory=True)
+    assert raised.value is INVALID and sleeps == []
+
+
+def test_a_region_never_released_fails_after_the_timeout(sleeps, monkeypatch):
+    monkeypatch.setattr(pipeline_client, "REGION_RELEASE_TIMEOUT_S", -1.0)  # already past
+    client, fake = shared_memory_client([IN_USE] * 3)
+    with pytest.raises(InferenceServerException, match="currently in use"):
+        client.infer([b"image"], shared_memory=True)

@@ -40,6 +40,10 @@ CANCELLED = "StatusCode.CANCELLED"  # a call the server cancelled as it shut dow
 # pcb_scan's tile count (README's contract; the scan model's one output beyond the pipeline's): with templates
 # its REGISTRATION has one row per tile, padded with zeros to the longest scan of the request.
 NUM_TILES = "NUM_TILES"
+# Triton 2.51 refuses to unregister a shared-memory region while a request still holds it, and releases the
+# request's inputs only just after sending its response; later releases defer the unregistration themselves.
+REGION_IN_USE = "currently in use"
+REGION_RELEASE_TIMEOUT_S = 10.0
 
 
 class InferenceFailed(RuntimeError):
@@ -222,9 +226,23 @@ class PipelineClient:
                 image_input.set_shared_memory(region_name, size)
                 yield image_input
             finally:
-                self._client.unregister_system_shared_memory(region_name)
+                self._unregister_when_released(region_name)
         finally:
             system_shared_memory.destroy_shared_memory_region(region)
+
+    def _unregister_when_released(self, region_name: str) -> None:
+        """Unregister a system shared-memory region, waiting for the server to release it (REGION_IN_USE)."""
+        deadline = time.monotonic() + REGION_RELEASE_TIMEOUT_S
+        delay_s = 0.005
+        while True:
+            try:
+                self._client.unregister_system_shared_memory(region_name)
+                return
+            except InferenceServerException as error:
+                if REGION_IN_USE not in str(error) or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay_s)
+            delay_s = min(2 * delay_s, 0.2)
 
     def infer_files(self, paths: Iterable[str | Path], score_threshold: float | None = None,
                     iou_threshold: float | None = None, concurrency: int = 4, progress: bool = True,
