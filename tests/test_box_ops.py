@@ -157,14 +157,26 @@ def test_boxes_map_back_to_original_pixels_and_clip(path):
 
 
 @pytest.mark.parametrize("path", POSTPROCESS_PATHS)
-def test_score_threshold_is_strict_and_best_class_wins(path):
+def test_score_threshold_is_strict_and_every_class_above_it_is_a_candidate(path):
     pred = prediction([[100, 100, 20, 20], [300, 300, 20, 20], [500, 500, 20, 20]],
                       [[0.1, 0.6, 0.2, 0, 0, 0], [0.25, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0.3, 0.31]])
     geometry = np.array([[1, 0, 0, 640, 640]], np.float32)
-    num, _, scores, classes = run_postprocess(path, pred[None], geometry, 0.25, 0.45)
+    num, boxes, scores, classes = run_postprocess(path, pred[None], geometry, 0.25, 0.45)
+    # the third anchor is torn between two classes: both readings survive class-aware NMS, one box each
+    assert num[0, 0] == 3
+    np.testing.assert_allclose(scores[0, :3], [0.6, 0.31, 0.3])
+    np.testing.assert_array_equal(classes[0, :3], [1, 5, 4])
+    np.testing.assert_array_equal(boxes[0, 1], boxes[0, 2])
+
+
+@pytest.mark.parametrize("path", POSTPROCESS_PATHS)
+def test_equal_scores_rank_by_anchor_then_class(path):
+    pred = prediction([[100, 100, 20, 20], [300, 300, 20, 20]], [[0, 0, 0.5, 0.5, 0, 0], [0.5, 0, 0, 0, 0, 0]])
+    geometry = np.array([[1, 0, 0, 640, 640]], np.float32)
+    num, boxes, _, classes = run_postprocess(path, pred[None], geometry, 0.25, 0.45, pre_nms_top_k=2)
     assert num[0, 0] == 2
-    np.testing.assert_allclose(scores[0, :2], [0.6, 0.31])
-    np.testing.assert_array_equal(classes[0, :2], [1, 5])
+    np.testing.assert_array_equal(classes[0, :2], [2, 3])
+    np.testing.assert_allclose(boxes[0, :2, 0], [90, 90])
 
 
 @pytest.mark.parametrize("path", POSTPROCESS_PATHS)

@@ -1,7 +1,10 @@
 """Detector output -> final detections (EfficientNMS layout).
 
-Per image: best class per anchor, score threshold (strictly greater), pre-NMS top-k by score, class-aware
-NMS, at most K detections, boxes mapped back to original pixels and clipped, zero rows past the count.
+Per image: every (anchor, class) pair scoring above the threshold (strictly greater) is a candidate, as in
+TensorRT's EfficientNMS, then pre-NMS top-k by score (ties: anchor, then class order), class-aware NMS, at most
+K detections, boxes mapped back to original pixels and clipped, zero rows past the count. An anchor may so
+propose two classes where the detector is torn between them (open or mousebite): the lower-scored reading
+still counts where the higher is wrong, which keeping only the best class per anchor throws away.
 
 Two implementations with the same results: ``postprocess_batch_opencv`` for CPU instances (the whole batch
 in a few NumPy operations and OpenCV's greedy NMS, no n x n matrix), and array code written once for NumPy
@@ -62,13 +65,13 @@ def postprocess_image(pred, geometry, score_threshold: float, iou_threshold: flo
     Returns (count, boxes (K, 4) float32 x1y1x2y2 in original pixels, scores (K,) float32, classes (K,) int32)
     with K = max_detections and zeros past ``count``.
     """
-    class_scores = pred[4:]
-    best_class = xp.argmax(class_scores, axis=0)
-    best_score = xp.max(class_scores, axis=0)
-    candidates = xp.nonzero(best_score > score_threshold)[0]
-    ranked = candidates[xp.argsort(-best_score[candidates], kind="stable")[:pre_nms_top_k]]
-    boxes = cxcywh_to_xyxy(pred[:4, ranked].T, xp)
-    keep = cluster_nms(boxes, best_class[ranked], iou_threshold, xp)
+    num_classes = pred.shape[0] - BOX_ROWS
+    pair_scores = pred[BOX_ROWS:].T.reshape(-1)  # (anchor, class) pairs, anchor-major
+    candidates = xp.nonzero(pair_scores > score_threshold)[0]
+    ranked = candidates[xp.argsort(-pair_scores[candidates], kind="stable")[:pre_nms_top_k]]
+    anchor, pair_class = ranked // num_classes, (ranked % num_classes).astype(xp.int32)
+    boxes = cxcywh_to_xyxy(pred[:BOX_ROWS, anchor].T, xp)
+    keep = cluster_nms(boxes, pair_class, iou_threshold, xp)
     kept = xp.nonzero(keep)[0][:max_detections]
     count = int(kept.size)
 
@@ -81,8 +84,8 @@ def postprocess_image(pred, geometry, score_threshold: float, iou_threshold: flo
     out_scores = xp.zeros(max_detections, dtype=xp.float32)
     out_classes = xp.zeros(max_detections, dtype=xp.int32)
     out_boxes[:count] = original_boxes
-    out_scores[:count] = best_score[ranked[kept]]
-    out_classes[:count] = best_class[ranked[kept]]
+    out_scores[:count] = pair_scores[ranked[kept]]
+    out_classes[:count] = pair_class[kept]
     return count, out_boxes, out_scores, out_classes
 
 
@@ -138,25 +141,24 @@ def postprocess_batch_opencv(pred: np.ndarray, geometry: np.ndarray, score_thres
                              iou_threshold: float | Sequence[float], max_detections: int, pre_nms_top_k: int):
     """``postprocess_batch`` for CPU instances: the same inputs and outputs, the whole batch at once.
 
-    Candidates of every image are thresholded, ranked (by image, then descending score, ties in anchor
-    order as in ``postprocess_image``), capped and mapped back together; only NMS runs image by image.
+    Candidate pairs of every image are thresholded, ranked (by image, then descending score, ties by anchor
+    then class as in ``postprocess_image``), capped and mapped back together; only NMS runs image by image.
     """
-    batch, _, num_anchors = pred.shape
+    batch = pred.shape[0]
     # float32 like the array code, where NumPy compares a Python float with float32 scores in float32
     score_thresholds = np.asarray(per_image(score_threshold, batch), dtype=np.float32)
     iou_thresholds = per_image(iou_threshold, batch)
-    best_score = pred[:, BOX_ROWS:].max(axis=1)
+    class_scores = pred[:, BOX_ROWS:]  # (B, num_classes, N)
 
-    # by image, then anchor (flat indices: two-dimensional nonzero is several times slower)
-    image, anchor = np.divmod(np.flatnonzero(best_score > score_thresholds[:, None]), num_anchors)
-    order = np.lexsort((-best_score[image, anchor], image))  # stable: equal scores stay in anchor order
-    image, anchor = image[order], anchor[order]
+    # flat indices: multi-dimensional nonzero is several times slower
+    image, classes, anchor = np.unravel_index(np.flatnonzero(class_scores > score_thresholds[:, None, None]),
+                                              class_scores.shape)
+    scores = class_scores[image, classes, anchor]
+    order = np.lexsort((classes, anchor, -scores, image))
+    image, classes, anchor, scores = image[order], classes[order].astype(np.int32), anchor[order], scores[order]
     top = rank_within_image(image) < pre_nms_top_k
-    image, anchor = image[top], anchor[top]
-    candidates = pred[image, :, anchor]  # (M, 4 + num_classes)
-    scores = best_score[image, anchor]
-    classes = candidates[:, BOX_ROWS:].argmax(axis=1)  # candidates only: argmax over all anchors is slow
-    boxes = cxcywh_to_xyxy(candidates[:, :BOX_ROWS], np)
+    image, classes, anchor, scores = image[top], classes[top], anchor[top], scores[top]
+    boxes = cxcywh_to_xyxy(pred[image, :BOX_ROWS, anchor], np)
 
     keep = np.zeros(image.size, dtype=bool)
     # One NMS call per image: OpenCV tests each candidate against every box kept so far in the call, so
