@@ -285,6 +285,19 @@ def test_opencv_postprocess_equals_the_array_postprocess(xp, seed, score_thresho
                            run_postprocess(("array", xp), pred, geometry, *settings))
 
 
+@pytest.mark.parametrize("xp", ARRAY_MODULES)
+@pytest.mark.parametrize("pre_nms_top_k", [1, 50, 300])
+def test_opencv_postprocess_equals_the_array_postprocess_when_scores_tie(xp, pre_nms_top_k):
+    """Scores on a coarse grid tie by the hundred, across anchors and classes and at the top-k cut: both
+    paths must break every tie the same way (anchor, then class)."""
+    pred = random_predictions(np.random.default_rng(11), 2, 1500)
+    pred[:, 4:] = np.round(pred[:, 4:] * 20) / 20
+    geometry = np.array([[1, 0, 0, 640, 640], [0.5, 0, 200, 1280, 480]], np.float32)
+    settings = (0.1, 0.45, 1000, pre_nms_top_k)
+    assert_same_detections(run_postprocess(("opencv", np), pred, geometry, *settings),
+                           run_postprocess(("array", xp), pred, geometry, *settings))
+
+
 @pytest.mark.parametrize("path", POSTPROCESS_PATHS)
 def test_each_image_takes_its_own_thresholds(path):
     """A dynamic batch mixes requests with different thresholds: each image gets its own, as if alone."""

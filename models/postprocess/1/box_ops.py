@@ -122,6 +122,20 @@ def rank_within_image(image: np.ndarray) -> np.ndarray:
     return np.arange(image.size) - np.searchsorted(image, image, side="left")
 
 
+def within_top_k_scores(image: np.ndarray, scores: np.ndarray, batch: int, top_k: int) -> np.ndarray:
+    """For rows grouped by image: the rows scoring at least their image's k-th best score (every tie at that
+    bound kept), so that a stable sort of only these cuts at k exactly where sorting all rows would; at low
+    thresholds an image has tens of thousands of (anchor, class) pairs, and sorting them all is slow."""
+    keep = np.ones(image.size, dtype=bool)
+    bounds = np.searchsorted(image, np.arange(batch + 1))
+    for first, last in zip(bounds[:-1], bounds[1:]):
+        surplus = last - first - top_k
+        if surplus > 0 and top_k > 0:
+            kth_best = np.partition(scores[first:last], surplus)[surplus]
+            keep[first:last] = scores[first:last] >= kth_best
+    return np.flatnonzero(keep)
+
+
 def class_aware_nms_opencv(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Greedy class-aware NMS (cv2.dnn.NMSBoxesBatched) of (n, 4) x1y1x2y2 boxes; kept indices, any order.
 
@@ -148,13 +162,15 @@ def postprocess_batch_opencv(pred: np.ndarray, geometry: np.ndarray, score_thres
     # float32 like the array code, where NumPy compares a Python float with float32 scores in float32
     score_thresholds = np.asarray(per_image(score_threshold, batch), dtype=np.float32)
     iou_thresholds = per_image(iou_threshold, batch)
-    class_scores = pred[:, BOX_ROWS:]  # (B, num_classes, N)
+    pair_scores = pred[:, BOX_ROWS:].transpose(0, 2, 1)  # (B, N, num_classes): pairs by image, anchor, class
 
     # flat indices: multi-dimensional nonzero is several times slower
-    image, classes, anchor = np.unravel_index(np.flatnonzero(class_scores > score_thresholds[:, None, None]),
-                                              class_scores.shape)
-    scores = class_scores[image, classes, anchor]
-    order = np.lexsort((classes, anchor, -scores, image))
+    image, anchor, classes = np.unravel_index(np.flatnonzero(pair_scores > score_thresholds[:, None, None]),
+                                              pair_scores.shape)
+    scores = pair_scores[image, anchor, classes]
+    contenders = within_top_k_scores(image, scores, batch, pre_nms_top_k)
+    image, anchor, classes, scores = image[contenders], anchor[contenders], classes[contenders], scores[contenders]
+    order = np.lexsort((-scores, image))  # stable: equal scores stay in anchor, then class order
     image, classes, anchor, scores = image[order], classes[order].astype(np.int32), anchor[order], scores[order]
     top = rank_within_image(image) < pre_nms_top_k
     image, classes, anchor, scores = image[top], classes[top], anchor[top], scores[top]
