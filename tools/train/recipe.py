@@ -354,7 +354,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--template-fraction", type=float, default=0.1, help="share of crops taken from templates")
-    parser.add_argument("--template-dropout", type=float, default=0.3,
+    parser.add_argument("--template-dropout", type=float, default=0.5,
                         help="share of samples a 2-channel detector sees without their template")
     parser.add_argument("--misregister-shift", type=float, default=30.0,
                         help="templates drift by up to this many pixels before registration")
