@@ -169,11 +169,10 @@ def postprocess_batch_opencv(pred: np.ndarray, geometry: np.ndarray, score_thres
                                               pair_scores.shape)
     scores = pair_scores[image, anchor, classes]
     contenders = within_top_k_scores(image, scores, batch, pre_nms_top_k)
-    image, anchor, classes, scores = image[contenders], anchor[contenders], classes[contenders], scores[contenders]
-    order = np.lexsort((-scores, image))  # stable: equal scores stay in anchor, then class order
-    image, classes, anchor, scores = image[order], classes[order].astype(np.int32), anchor[order], scores[order]
-    top = rank_within_image(image) < pre_nms_top_k
-    image, classes, anchor, scores = image[top], classes[top], anchor[top], scores[top]
+    # stable: equal scores stay in anchor, then class order
+    ranked = contenders[np.lexsort((-scores[contenders], image[contenders]))]
+    ranked = ranked[rank_within_image(image[ranked]) < pre_nms_top_k]
+    image, anchor, classes, scores = image[ranked], anchor[ranked], classes[ranked].astype(np.int32), scores[ranked]
     boxes = cxcywh_to_xyxy(pred[image, :BOX_ROWS, anchor], np)
 
     keep = np.zeros(image.size, dtype=bool)
