@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tools.client.pipeline_client import PipelineClient
-from tools.contract import served_contract
+from tools.contract import MODELS_ROOT, served_contract
 from tools.data.deeppcb import Sample, read_split
 from tools.data.misregistration import Misregistration
 from tools.data.splits import ValidationSplit, select_samples
@@ -16,6 +16,7 @@ from tools.detections import Detections
 from tools.eval.evaluate import expected_registrations, main
 from tools.eval.report import EvaluationSetup, registration_summary, write_report
 from tools.pipeline_math import tiling
+from tools.serve.repository_copy import repository_with_detector
 
 CLASS_NAMES = served_contract().labels
 OPEN, SHORT, SPUR, COPPER = (CLASS_NAMES.index(n) for n in ("open", "short", "spur", "copper"))
@@ -51,6 +52,7 @@ def setup(deployed_score_threshold: float) -> EvaluationSetup:
         deployed_score_threshold=deployed_score_threshold,
         deployed_template_score_threshold=deployed_score_threshold,
         config="none",
+        detector="none",
     )
 
 
@@ -186,3 +188,22 @@ def test_live_evaluation_with_templates_reports_the_registrations(triton_server,
         assert record["shift_error_px"][0] == pytest.approx(np.hypot(*(found[:2] - wanted[:2])), abs=1e-2)
     assert moved["registration"]["error"]["shift_px"]["max"] >= 0.0  # reported, not asserted: see the README
     assert (tmp_path / "moved" / "precision_recall.png").is_file()
+
+
+def test_a_repository_copy_serves_only_the_detector_files_given(tmp_path):
+    detector_dir = tmp_path / "detector"
+    detector_dir.mkdir()
+    (detector_dir / "model.int8.onnx").write_bytes(b"another detector")
+    with repository_with_detector(MODELS_ROOT, None) as same:
+        assert same == MODELS_ROOT
+    with repository_with_detector(MODELS_ROOT, detector_dir) as copy:
+        version_dir = served_contract(models_root=copy).detector_version_dir
+        assert [path.name for path in version_dir.glob("*.onnx")] == ["model.int8.onnx"], "none of its own is left"
+        assert (version_dir / "model.int8.onnx").read_bytes() == b"another detector"
+        for config in MODELS_ROOT.glob("*/config.pbtxt"):
+            assert (copy / config.relative_to(MODELS_ROOT)).read_bytes() == config.read_bytes()
+    assert not copy.exists() and served_contract().detector_onnx.is_file()
+    with pytest.raises(SystemExit, match="holds no ONNX detector"):
+        with repository_with_detector(MODELS_ROOT, tmp_path / "empty"):
+            pass
+

@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 from tools.data.board_batches import load_boards
-from tools.data.splits import held_out_boards
+from tools.data.splits import agreement_boards
 from tools.engine.agreement import compare_outputs, onnxruntime_runner, run_in_batches
 from tools.engine.fp16 import (
     DEFAULT_CALIBRATION_BOARDS,
@@ -35,7 +35,7 @@ CHECK_BOARDS = 16
 @pytest.fixture(scope="module")
 def boards(deeppcb_root):
     # The tool's default calibration set, so the fixture's conversion must reproduce the committed file.
-    boards = held_out_boards()
+    boards = agreement_boards(DEFAULT_SOURCE)
     calibration_end = DEFAULT_CALIBRATION_BOARDS
     return boards[:calibration_end], boards[calibration_end : calibration_end + CHECK_BOARDS]
 

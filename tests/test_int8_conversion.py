@@ -1,7 +1,7 @@
 """The INT8 QDQ detector (tools.engine.int8): float32 I/O unchanged, feature layers quantised, decode tail in
 FP32, metadata recorded, and agreement with the FP32 model on real boards through ONNX Runtime on CPU.
 
-Kept fast: the fixture calibrates on 8 held-out boards (the tool's default is 32) and the check runs on 4
+Kept fast: the fixture calibrates on 8 of the boards the tool uses (the tool's default is 32) and the check runs on 4
 further boards, at the tool's INT8 tolerances (tools.engine.int8: scores within 0.05 + 5 %, boxes within
 32 px + 5 %, a 1e-4 share of single-anchor outliers, detections IoU >= 0.8 and score drift <= 0.1).
 """
@@ -13,7 +13,7 @@ import pytest
 
 from tools.contract import CPU_CONFIG_NAME, load_repository, parameter, served_contract
 from tools.data.board_batches import load_mixed_boards
-from tools.data.splits import METADATA_KEY, held_out_boards
+from tools.data.splits import METADATA_KEY, agreement_boards
 from tools.engine.agreement import onnxruntime_runner, run_in_batches
 from tools.engine.fp16 import DEFAULT_CALIBRATION_BOARDS, WEIGHT_OPS, decode_tail, file_sha256, name_unnamed_nodes
 from tools.engine.int8 import (
@@ -33,7 +33,7 @@ CHECK_BOARDS = 4
 
 @pytest.fixture(scope="module")
 def int8_boards(deeppcb_root):
-    boards = held_out_boards()
+    boards = agreement_boards(DEFAULT_SOURCE)
     return boards[:CALIBRATION_BOARDS], boards[CALIBRATION_BOARDS : CALIBRATION_BOARDS + CHECK_BOARDS]
 
 
@@ -49,7 +49,7 @@ def int8_model(tmp_path_factory, int8_boards):
 def default_int8(tmp_path_factory, deeppcb_root):
     """The tool's default calibration set, so the result must reproduce the committed file (about 3 s)."""
     output = tmp_path_factory.mktemp("int8_default") / "model.int8.onnx"
-    convert(DEFAULT_SOURCE, output, held_out_boards()[:DEFAULT_CALIBRATION_BOARDS])
+    convert(DEFAULT_SOURCE, output, agreement_boards(DEFAULT_SOURCE)[:DEFAULT_CALIBRATION_BOARDS])
     return output
 
 

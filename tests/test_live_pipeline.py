@@ -148,8 +148,8 @@ def test_boxes_map_back_to_original_pixels(triton_server, board, board_bytes):
 
 
 def test_labelled_defects_are_detected(triton_server, labelled_boards):
-    """Recall and precision against the labels (PASCAL VOC pairing: same class, IoU above 0.5) on boards
-    the detector did not train on."""
+    """Recall and precision against the labels (PASCAL VOC pairing: same class, IoU above 0.5) on real boards,
+    without their templates: the whole served path gives what the labels say."""
     with PipelineClient(triton_server.grpc_url) as client:
         results = client.infer_files([sample.image_path for sample in labelled_boards], progress=False)
     pairs = [match_image(sample, result, "voc", VOC_IOU_THRESHOLD) for sample, result in zip(labelled_boards, results)]

@@ -4,10 +4,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from tools.data.deeppcb import Sample
-from tools.data.splits import ValidationSplit, sample_group, split_flags
+from tools.data.splits import (
+    ALL_BOARDS,
+    DEFAULT_SPLIT,
+    METADATA_KEY,
+    ValidationSplit,
+    agreement_boards,
+    check_model_split,
+    held_out_boards,
+    sample_group,
+    select_samples,
+    split_flags,
+    split_record,
+)
 
 
 def samples_in(groups: dict[str, int]) -> list[Sample]:
@@ -55,3 +68,40 @@ def test_a_split_round_trips_through_its_record():
     record = {"fraction": split.fraction, "seed": split.seed, "groups": list(split.groups), "list_sha256": "x"}
     assert ValidationSplit.from_record(record) == split
     assert ValidationSplit.from_record({"fraction": 0.15, "seed": 0}) == ValidationSplit()
+
+
+def detector_recording(path: Path, split: ValidationSplit, list_path: Path) -> Path:
+    """A minimal ONNX file that records ``split`` of ``list_path`` in its metadata, as export writes it."""
+    value = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "detector", [value],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    model = onnx.helper.make_model(graph)
+    model.metadata_props.add(key=METADATA_KEY, value=split_record(split, list_path))
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_detector_trained_on_every_board_is_refused_validation_on_them(tmp_path):
+    list_path = tmp_path / "trainval.txt"
+    list_path.write_text("group1/1/a.jpg group1/1/a.txt\n")
+    onnx_path = detector_recording(tmp_path / "model.onnx", ALL_BOARDS, list_path)
+    assert not ALL_BOARDS.holds_out and DEFAULT_SPLIT.holds_out and ValidationSplit(0.15).holds_out
+    with pytest.raises(ValueError, match="trained on every board.*--detector validation/heldout_groups"):
+        check_model_split(onnx_path, DEFAULT_SPLIT, list_path)
+    other_list = tmp_path / "test.txt"
+    other_list.write_text("group9/9/b.jpg group9/9/b.txt\n")
+    check_model_split(onnx_path, DEFAULT_SPLIT, other_list)  # boards of another list were never trained on
+
+
+def test_conversions_check_on_unseen_boards_where_the_detector_has_any(deeppcb_root, tmp_path, capsys):
+    trainval = deeppcb_root / "trainval.txt"
+    random_draw = ValidationSplit(0.15, 0)
+    own = agreement_boards(detector_recording(tmp_path / "random.onnx", random_draw, trainval), deeppcb_root)
+    assert own == [s.image_path for s in select_samples(deeppcb_root, "trainval.txt", "val", random_draw)]
+    groups = agreement_boards(detector_recording(tmp_path / "groups.onnx", DEFAULT_SPLIT, trainval), deeppcb_root)
+    assert groups == held_out_boards(deeppcb_root) != own
+    assert "boards it learnt" not in capsys.readouterr().out
+    every = agreement_boards(detector_recording(tmp_path / "all.onnx", ALL_BOARDS, trainval), deeppcb_root)
+    assert every == groups, "nothing is unseen: the default validation boards, said so"
+    assert "trained on every board" in capsys.readouterr().out
+

@@ -31,8 +31,8 @@ def add_split_arguments(parser) -> None:
     parser.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT.seed, help="seed of the validation draw")
     parser.add_argument("--val-groups", nargs="*", default=list(DEFAULT_SPLIT.groups), metavar="GROUP",
                         help="hold out these whole groups (board designs) instead of a random draw (default: the "
-                             "groups the shipped detector was validated on, %(default)s); give none for a random "
-                             "draw of --val-fraction")
+                             "groups the recipe is validated on, %(default)s); give none for a random draw of "
+                             "--val-fraction, and none with --val-fraction 0 to hold out no board")
 
 
 def validation_split(args: argparse.Namespace) -> ValidationSplit:

@@ -2,7 +2,7 @@
 
 Each encoded file goes through ``preprocess_as_served``, the same function the ``preprocess`` model serves, so
 calibration sees what the engine will see in production. Take the boards from ``tools.data.splits``'s
-``held_out_boards``: the ones the detector was not trained on.
+``agreement_boards``: the ones the detector was not trained on, where it has any.
 """
 from __future__ import annotations
 

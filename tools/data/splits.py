@@ -1,10 +1,11 @@
 """The train/validation split of a DeepPCB-format list: one named object, recorded with every model.
 
-``DEFAULT_SPLIT`` is the split the shipped detector was trained with. Training writes the split it used, with
-a digest of the list it divided, into its checkpoint; export copies that into the ONNX metadata
-(``validation_split``); the tools that must not see training boards (evaluate ``--split val``, the FP16
-calibration, the export check) refuse a split other than the one the served model was trained with on the
-same list.
+``DEFAULT_SPLIT`` is the split the recipe is validated with (three whole groups held out). The shipped detector
+is the same recipe trained on every board of trainval (``ALL_BOARDS``); the held-out-groups run that validated
+it is kept in ``HELD_OUT_GROUPS_DETECTOR``. Training writes the split it used, with a digest of the list it
+divided, into its checkpoint; export copies that into the ONNX metadata (``validation_split``); evaluate
+``--split val`` refuses a split other than the one the served model was trained with on the same list, and a
+model that held no board of it out.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tools.contract import REPO_ROOT
 from tools.data.deeppcb import DEFAULT_ROOT, Sample, read_split
 
 METADATA_KEY = "validation_split"
@@ -29,6 +31,11 @@ class ValidationSplit:
     fraction: float = 0.15
     seed: int = 0
     groups: tuple[str, ...] = ()
+
+    @property
+    def holds_out(self) -> bool:
+        """False for a model trained on every board of its list (no validation boards)."""
+        return bool(self.groups) or self.fraction > 0
 
     def __post_init__(self):
         if not 0 <= self.fraction < 1:
@@ -69,6 +76,9 @@ class ValidationSplit:
 # are mostly of designs trainval lacks, so the validation boards must be of designs the detector never saw.
 HELD_OUT_GROUPS = ("group44000", "group50600", "group77000")
 DEFAULT_SPLIT = ValidationSplit(groups=HELD_OUT_GROUPS)
+ALL_BOARDS = ValidationSplit(fraction=0.0)
+# The recipe trained with DEFAULT_SPLIT (its ONNX files): what the held-out-groups figures are of.
+HELD_OUT_GROUPS_DETECTOR = REPO_ROOT / "validation" / "heldout_groups"
 
 
 def sample_group(sample: Sample) -> str:
@@ -118,9 +128,32 @@ def check_model_split(onnx_path: Path, split: ValidationSplit, list_path: Path) 
     if record["list_sha256"] != list_digest(list_path):
         return
     trained = ValidationSplit.from_record(record)
+    if not trained.holds_out:
+        raise ValueError(f"{onnx_path} was trained on every board of {list_path}: none is held out to validate it "
+                         f"on. Evaluate it on boards of another list (DeepPCB's test.txt), or evaluate the recipe's "
+                         f"held-out-groups detector instead (tools.eval --detector "
+                         f"{HELD_OUT_GROUPS_DETECTOR.relative_to(REPO_ROOT)})")
     if trained != split:
         raise ValueError(f"{onnx_path} was trained on {list_path} with {trained}, not {split}: some of the boards "
                          f"chosen now were trained on; choose the boards with {split_flags(trained)}")
+
+
+def agreement_boards(onnx_path: Path, root: Path = DEFAULT_ROOT) -> list[Path]:
+    """Boards of ``root``'s trainval to calibrate and check a conversion of the detector at ``onnx_path`` on (FP16,
+    INT8, a TensorRT engine, the export), in file order: the validation boards of the split it was trained with,
+    boards it never saw. A detector trained on every board (the shipped one) has none left unseen; checking that
+    two graphs agree needs boards like the served ones, not unseen ones, so it gets ``DEFAULT_SPLIT``'s, and is
+    told so; as does a detector that records no split (trained elsewhere), silently."""
+    list_path = Path(root) / "trainval.txt"
+    record = recorded_split(onnx_path)
+    split = DEFAULT_SPLIT
+    if record is not None and record["list_sha256"] == list_digest(list_path):
+        split = ValidationSplit.from_record(record)
+    if not split.holds_out:
+        print(f"{onnx_path} was trained on every board of {list_path}: its calibration and check boards are boards "
+              "it learnt (as good as any for agreement between graphs; no measure of accuracy)", flush=True)
+        split = DEFAULT_SPLIT
+    return held_out_boards(root, split)
 
 
 def split_flags(split: ValidationSplit) -> str:

@@ -14,9 +14,9 @@ tail is cheap element-wise work, so FP32 costs nothing that matters. The input (
 the graph's first Cast takes, as TensorRT requires of a uint8 input) and the float32 output keep their types
 (``keep_io_types``), so the engine is a drop-in replacement in the Triton model configuration.
 
-Calibration uses real boards (held-out DeepPCB images, preprocessed by the served ``preprocess_image``);
-a disjoint set of boards then checks the FP16 graph against FP32 with ONNX Runtime, raw outputs and
-detections, and the tool exits non-zero if they disagree. The output records its source model's SHA-256,
+Calibration uses real boards (DeepPCB images, ``tools.data.splits.agreement_boards``, preprocessed by the
+served ``preprocess_image``); a disjoint set of boards then checks the FP16 graph against FP32 with ONNX
+Runtime, raw outputs and detections, and the tool exits non-zero if they disagree. The output records its source model's SHA-256,
 the calibration boards and the AutoCast version in its metadata, so it can be reproduced and checked for
 staleness against ``model.onnx``.
 """
@@ -37,7 +37,7 @@ import onnx
 from tools.contract import served_contract
 from tools.data.board_batches import calibration_inputs, load_mixed_boards
 from tools.data.deeppcb import DEFAULT_ROOT
-from tools.data.splits import DEFAULT_SPLIT, check_model_split, held_out_boards
+from tools.data.splits import agreement_boards
 from tools.engine.agreement import compare_outputs, onnxruntime_runner, run_in_batches
 
 DEFAULT_SOURCE = served_contract().detector_onnx
@@ -187,12 +187,12 @@ def add_conversion_arguments(parser: argparse.ArgumentParser, default_output: Pa
 
 
 def conversion_boards(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
-    """(calibration boards, check boards): disjoint, and never boards the detector was trained on."""
-    check_model_split(args.source, DEFAULT_SPLIT, args.data / "trainval.txt")
-    boards = held_out_boards(args.data)
+    """(calibration boards, check boards): disjoint, and boards the detector never saw where it has any
+    (``agreement_boards``)."""
+    boards = agreement_boards(args.source, args.data)
     wanted = args.calibration_boards + args.check_boards
     if len(boards) < wanted:
-        raise SystemExit(f"{args.data} has {len(boards)} held-out boards, {wanted} needed")
+        raise SystemExit(f"{args.data} has {len(boards)} boards to calibrate and check on, {wanted} needed")
     return boards[: args.calibration_boards], boards[args.calibration_boards : wanted]
 
 

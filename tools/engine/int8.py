@@ -6,7 +6,8 @@ ONNX Runtime's CPU provider runs a QDQ graph (QuantizeLinear / DequantizeLinear 
 node) with integer kernels: it fuses DQ -> Conv -> Q into one int8 convolution (VNNI / AMX on recent x86).
 The steps are ORT's recommended ones: ``quant_pre_process`` (symbolic shape inference and graph
 optimisation), then ``quantize_static`` with activation ranges calibrated on real boards (MinMax over
-held-out DeepPCB images with and without their templates, preprocessed by the served ``preprocess_as_served``), and one exact clean-up: Shape
+DeepPCB images, ``agreement_boards``, with and without their templates, preprocessed by the served
+``preprocess_as_served``), and one exact clean-up: Shape
 nodes read the int8 tensors instead of dequantised copies (``read_shapes_from_quantized``). Activations are uint8
 (asymmetric: the SiLU outputs are mostly positive), weights int8 per tensor; ``--per-channel`` quantises the
 weights per output channel instead, which measured no better on this detector (DeepPCB AP 98.50 vs 98.51 %

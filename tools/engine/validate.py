@@ -3,7 +3,7 @@
     python -m tools.engine.validate            # models/pcb_defect_detector/1/model.plan vs model.onnx
 
 The engine runs through polygraphy's TrtRunner on the GPU, the reference through ONNX Runtime on the CPU,
-both on the same held-out DeepPCB boards preprocessed by the served ``preprocess_image``. The comparison is
+both on the same DeepPCB boards (``tools.data.splits.agreement_boards``) preprocessed by the served ``preprocess_image``. The comparison is
 ``tools.engine.agreement``, the same checks that gate the FP16 ONNX model on CPU: no NaN/Inf, raw outputs
 within tolerance, and the served postprocess giving the same detections (class, box IoU, score drift).
 Like ``tools.engine.build`` it needs a GPU and TensorRT: run it in the engine-builder image (docs/gpu.md).
@@ -18,7 +18,7 @@ from pathlib import Path
 from tools.contract import served_contract
 from tools.data.board_batches import load_mixed_boards
 from tools.data.deeppcb import DEFAULT_ROOT
-from tools.data.splits import DEFAULT_SPLIT, check_model_split, held_out_boards
+from tools.data.splits import agreement_boards
 from tools.engine.agreement import (
     DEFAULT_ATOL,
     DEFAULT_MAX_SCORE_DRIFT,
@@ -63,8 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    check_model_split(args.reference, DEFAULT_SPLIT, args.data / "trainval.txt")
-    images, geometry = load_mixed_boards(held_out_boards(args.data)[: args.boards])  # with and without templates
+    boards = agreement_boards(args.reference, args.data)[: args.boards]
+    images, geometry = load_mixed_boards(boards)  # with and without templates
     reference = run_in_batches(onnxruntime_runner(args.reference), images, args.batch_size, "FP32 ONNX Runtime")
     try:
         with tensorrt_runner(args.engine) as engine:

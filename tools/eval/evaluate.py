@@ -40,13 +40,14 @@ from tools.arguments import (
     validation_split,
 )
 from tools.client.pipeline_client import InferenceFailed, PipelineClient
-from tools.contract import ServedContract, served_contract
+from tools.contract import REPO_ROOT, ServedContract, served_contract
 from tools.data.deeppcb import Sample, read_grey
 from tools.data.misregistration import Misregistration
-from tools.data.splits import check_model_split, select_samples
+from tools.data.splits import HELD_OUT_GROUPS_DETECTOR, check_model_split, select_samples
 from tools.detections import Detections
 from tools.eval.report import EvaluationSetup, registration_summary, write_report
 from tools.pipeline_math import registration, scan_windows, tiling
+from tools.serve.repository_copy import repository_with_detector
 from tools.serve.triton_server import serving
 
 LOW_SCORE_THRESHOLD = 0.001
@@ -117,15 +118,30 @@ def main(argv: list[str] | None = None) -> dict:
     group.add_argument("--with-templates", action="store_true",
                        help="send each board's defect-free template (X_temp) with it; the server registers it")
     add_misregistration_arguments(group)
+    parser.add_argument("--detector", type=Path, metavar="DIR",
+                        help="with --start-server: serve a temporary copy of --model-repository whose detector is "
+                             "the ONNX files of DIR instead, e.g. the recipe's held-out-groups detector, "
+                             f"{HELD_OUT_GROUPS_DETECTOR.relative_to(REPO_ROOT)}, that the validation figures are of")
     args = parser.parse_args(argv)
+    if args.detector and not args.start_server:
+        parser.error("--detector swaps the detector of the server it starts: add --start-server")
+    with repository_with_detector(args.model_repository, args.detector) as repository:
+        return evaluate(parser, args, repository)
+
+
+def evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace, repository: Path) -> dict:
+    """The evaluation ``main`` asked for, of the pipeline ``repository`` serves."""
     split = validation_split(args)
-    contract = served_contract(models_root=args.model_repository)
+    contract = served_contract(models_root=repository)
     misregister = bool(args.misregister_shift or args.misregister_angle)
     if misregister and not args.with_templates:
         parser.error("--misregister-shift/--misregister-angle move the templates: add --with-templates")
 
     if args.split != "all":
-        check_model_split(contract.detector_onnx, split, args.data / args.list)
+        try:
+            check_model_split(contract.detector_onnx, split, args.data / args.list)
+        except ValueError as wrong_boards:
+            parser.error(str(wrong_boards))
     samples = select_samples(args.data, args.list, args.split, split)[: args.limit]
     if not samples:
         raise SystemExit(f"no boards selected from {args.data / args.list} (split {args.split})")
@@ -143,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
                         for _, drift, w, h in moved]
     request = dict(score_threshold=args.request_score_threshold, concurrency=args.concurrency, scans=args.tile,
                    shared_memory=args.shared_memory)
-    with serving(args.url, args.start_server, args.model_repository) as url:
+    with serving(args.url, args.start_server, repository) as url:
         with PipelineClient(url=url, contract=contract) as client:
             if templates is None:
                 detections = client.infer_files([s.image_path for s in samples], **request)
@@ -161,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         request_score_threshold=args.request_score_threshold,
         deployed_score_threshold=contract.score_threshold,
         deployed_template_score_threshold=contract.template_score_threshold,
-        config=str(contract.models_root / contract.postprocess_model),
+        config=str(args.model_repository / contract.postprocess_model),
+        detector=str(args.detector or contract.detector_version_dir),
         templates=("misregistered" if misregister else "as given") if args.with_templates else "none",
         misregister_shift=args.misregister_shift,
         misregister_angle=args.misregister_angle,

@@ -35,6 +35,7 @@ class EvaluationSetup:
     deployed_score_threshold: float
     deployed_template_score_threshold: float
     config: str  # the model folder whose config holds the deployed thresholds
+    detector: str  # the folder of the detector files served
     templates: str = "none"  # "none", "as given" (each board's own template) or "misregistered"
     misregister_shift: float = 0.0  # px, the largest random drift of a misregistered template (each axis)
     misregister_angle: float = 0.0  # degrees
@@ -182,7 +183,8 @@ def markdown_report(report: dict, examples: list[dict]) -> str:
         "",
         f"Data: `{setup['data']}` list `{setup['list']}`, split `{setup['split']}`"
         + (split_description(setup) if setup["split"] != "all" else "")
-        + f"; {summary['images']} boards, {summary['ground_truths']} defects. Served by `{setup['model']}` at "
+        + f"; {summary['images']} boards, {summary['ground_truths']} defects. Served by `{setup['model']}` "
+        f"(detector `{setup['detector']}`) at "
         f"`{setup['url']}`, requested with score_threshold {setup['request_score_threshold']:g}; "
         f"{summary['detections']} detections. Templates: {template_setup(setup)}.",
         "",

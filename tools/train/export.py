@@ -6,7 +6,7 @@ The graph has the served detector's input (``images`` [B, C, H, W], dynamic batc
 uint8 grey levels, which the graph's first nodes cast and divide by 255 as training did, or float in [0, 1]) and
 output (``output0`` [B, 4 + num_classes, N]: cx, cy, w, h in input pixels, then sigmoid class scores), named
 and sized as the configs say (tools.contract). The training split travels into the metadata. Before writing,
-the ONNX Runtime outputs are compared with PyTorch's on boards held out of training.
+the ONNX Runtime outputs are compared with PyTorch's on DeepPCB boards (``tools.data.splits.agreement_boards``).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 from tools.contract import served_contract
 from tools.data.board_batches import load_boards
 from tools.data.deeppcb import CLASS_NAMES, DEFAULT_ROOT
-from tools.data.splits import METADATA_KEY, ValidationSplit, held_out_boards
+from tools.data.splits import METADATA_KEY, agreement_boards
 from tools.train.network import STRIDE, PcbDefectDetector
 
 OPSET = 17
@@ -108,13 +108,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default="runs/detector/detector.pt", type=Path)
     parser.add_argument("--out", default=DEFAULT_OUT, type=Path)
-    parser.add_argument("--data", default=DEFAULT_ROOT, type=Path, help="DeepPCB folder; held-out boards for the check")
+    parser.add_argument("--data", default=DEFAULT_ROOT, type=Path, help="DeepPCB folder; boards for the check")
     parser.add_argument("--check-images", type=int, default=4)
     args = parser.parse_args(argv)
     model, split_record = load_detector(args.weights)
     export(model, split_record, args.out)
-    held_out = held_out_boards(args.data, ValidationSplit.from_record(json.loads(split_record)))
-    boards, _ = load_boards(held_out[: args.check_images])
+    boards, _ = load_boards(agreement_boards(args.out, args.data)[: args.check_images])
     worst = check_against_torch(model, args.out, boards)
     size_mb = args.out.stat().st_size / 1e6
     print(f"wrote {args.out} ({size_mb:.2f} MB, opset {OPSET}); ONNX Runtime vs PyTorch max |diff| {worst:.2e}")

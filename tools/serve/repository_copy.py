@@ -1,0 +1,34 @@
+"""A model repository serving another detector: a temporary copy whose detector version folder holds the ONNX
+files of a given folder instead of its own (``tools.eval --detector``), so one command measures, say, the
+recipe's held-out-groups detector in the shipped pipeline without touching ``models/``."""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from tools.contract import served_contract
+
+
+@contextlib.contextmanager
+def repository_with_detector(models_root: Path, detector_dir: Path | None) -> Iterator[Path]:
+    """``models_root`` itself without ``detector_dir``; else, for the duration, a copy of it whose detector
+    version folder holds ``detector_dir``'s ``*.onnx`` files instead of its own (none of its own is left, so a
+    file the configs serve that ``detector_dir`` lacks fails the load by name, rather than serving the old one)."""
+    if detector_dir is None:
+        yield Path(models_root)
+        return
+    detector_files = sorted(Path(detector_dir).glob("*.onnx"))
+    if not detector_files:
+        raise SystemExit(f"{detector_dir} holds no ONNX detector (*.onnx)")
+    version_dir = served_contract(models_root=Path(models_root)).detector_version_dir.relative_to(models_root)
+    with tempfile.TemporaryDirectory(prefix="pcb_repository_") as scratch:
+        copy = Path(scratch) / Path(models_root).name
+        shutil.copytree(models_root, copy, ignore=shutil.ignore_patterns("__pycache__", "*.plan"))
+        for own_file in (copy / version_dir).glob("*.onnx"):
+            own_file.unlink()
+        for detector_file in detector_files:
+            shutil.copyfile(detector_file, copy / version_dir / detector_file.name)
+        yield copy
