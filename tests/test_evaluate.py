@@ -11,7 +11,7 @@ from tools.client.pipeline_client import PipelineClient
 from tools.contract import MODELS_ROOT, served_contract
 from tools.data.deeppcb import Sample, read_split
 from tools.data.misregistration import Misregistration
-from tools.data.splits import ValidationSplit, select_samples
+from tools.data.splits import HELD_OUT_GROUPS_DETECTOR, ValidationSplit, select_samples
 from tools.detections import Detections
 from tools.eval.evaluate import expected_registrations, main
 from tools.eval.report import EvaluationSetup, registration_summary, write_report
@@ -207,3 +207,14 @@ def test_a_repository_copy_serves_only_the_detector_files_given(tmp_path):
         with repository_with_detector(MODELS_ROOT, tmp_path / "empty"):
             pass
 
+
+@pytest.mark.live
+def test_live_evaluation_of_the_held_out_groups_detector_on_its_validation_boards(deeppcb_root, tmp_path, capsys):
+    args = ["--data", str(deeppcb_root), "--list", "trainval.txt", "--split", "val", "--limit", "2",
+            "--with-templates", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):  # the shipped detector learnt every trainval board
+        main(args)
+    assert "trained on every board" in capsys.readouterr().err
+    report = main([*args, "--start-server", "--detector", str(HELD_OUT_GROUPS_DETECTOR)])
+    assert report["setup"]["detector"] == str(HELD_OUT_GROUPS_DETECTOR)
+    assert report["metrics"]["images"] == 2 and report["metrics"]["deeppcb"]["at_threshold"]["true_positives"] > 0

@@ -7,15 +7,19 @@ import numpy as np
 import onnx
 import pytest
 
+from tools.contract import served_contract
 from tools.data.deeppcb import Sample
 from tools.data.splits import (
     ALL_BOARDS,
     DEFAULT_SPLIT,
+    HELD_OUT_GROUPS_DETECTOR,
     METADATA_KEY,
     ValidationSplit,
     agreement_boards,
     check_model_split,
     held_out_boards,
+    list_digest,
+    recorded_split,
     sample_group,
     select_samples,
     split_flags,
@@ -105,3 +109,13 @@ def test_conversions_check_on_unseen_boards_where_the_detector_has_any(deeppcb_r
     assert every == groups, "nothing is unseen: the default validation boards, said so"
     assert "trained on every board" in capsys.readouterr().out
 
+
+def test_the_shipped_detector_learnt_every_board_and_the_validation_one_held_out_the_groups(deeppcb_root):
+    names = ("model.onnx", "model.int8.onnx")  # the FP32 source and what the CPU fallback serves
+    shipped = {name: recorded_split(served_contract().detector_version_dir / name) for name in names}
+    validation = {name: recorded_split(HELD_OUT_GROUPS_DETECTOR / name) for name in names}
+    digest = list_digest(deeppcb_root / "trainval.txt")
+    for name, record in shipped.items():
+        assert record["list_sha256"] == digest and not ValidationSplit.from_record(record).holds_out, name
+    for name, record in validation.items():
+        assert record["list_sha256"] == digest and ValidationSplit.from_record(record) == DEFAULT_SPLIT, name

@@ -1,17 +1,20 @@
 """Accuracy of the LIVE served pipeline on a DeepPCB-format folder.
 
     python -m tools.eval --data DIR --list test.txt --url localhost:8001 --out reports/eval
-    python -m tools.eval --list trainval.txt --split val --start-server
+    python -m tools.eval --list trainval.txt --split val --start-server --detector validation/heldout_groups
 
 Every board goes through the served pipeline over gRPC (the path users call) with a low score threshold, so
 the whole ranking is there for AP; the F-score is taken at each board's deployed threshold (the postprocess
 config's ``template_score_threshold`` where the board's template registered, its ``score_threshold``
 otherwise; read through tools.contract) by keeping the detections scoring above it, as the postprocess step
-does. ``--split val`` evaluates the validation part of the split the detector was trained
-with (tools.data.splits; a different split of the same list is refused). Metrics are those of
-``tools.eval.metrics`` (DeepPCB rule: IoU > 0.33 with a same-class defect, uninterpolated pooled AP; and VOC
-mAP@0.5). Writes ``report.md``, ``report.json``, ``precision_recall.png`` and annotated examples of misses
-and false alarms under ``--out`` (tools.eval.report).
+does. ``--split val`` evaluates the validation part of the split the detector was trained with
+(tools.data.splits; a different split of the same list is refused, as is a detector trained on all of it, the
+shipped one). ``--detector DIR`` serves DIR's detector files in a temporary copy of the repository instead:
+``validation/heldout_groups``, the recipe trained with the default groups held out, is what the validation
+figures are of. Metrics are those of ``tools.eval.metrics`` (DeepPCB rule: IoU > 0.33 with a same-class
+defect, uninterpolated pooled AP; and VOC mAP@0.5). Writes ``report.md``, ``report.json``,
+``precision_recall.png`` and annotated examples of misses and false alarms under ``--out``
+(tools.eval.report).
 
 Golden-template inspection: ``--with-templates`` sends each board's defect-free template (``X_temp.jpg``) with
 it, and the report adds the registration scores. ``--misregister-shift PX --misregister-angle DEG`` sends the
