@@ -143,7 +143,7 @@ def agreement_boards(onnx_path: Path, root: Path = DEFAULT_ROOT) -> list[Path]:
     INT8, a TensorRT engine, the export), in file order: the validation boards of the split it was trained with,
     boards it never saw. A detector trained on every board (the shipped one) has none left unseen; checking that
     two graphs agree needs boards like the served ones, not unseen ones, so it gets ``DEFAULT_SPLIT``'s, and is
-    told so; as does a detector that records no split (trained elsewhere), silently."""
+    told so. So does, unannounced, a detector that records no split or was trained on another list."""
     list_path = Path(root) / "trainval.txt"
     record = recorded_split(onnx_path)
     split = DEFAULT_SPLIT
