@@ -1,9 +1,9 @@
 """The INT8 QDQ detector (tools.engine.int8): float32 I/O unchanged, feature layers quantised, decode tail in
 FP32, metadata recorded, and agreement with the FP32 model on real boards through ONNX Runtime on CPU.
 
-Kept fast: the fixture calibrates on 8 of the boards the tool uses (the tool's default is 32) and the check runs on 4
-further boards, at the tool's INT8 tolerances (tools.engine.int8: scores within 0.05 + 5 %, boxes within
-32 px + 5 %, a 1e-4 share of single-anchor outliers, detections IoU >= 0.8 and score drift <= 0.1).
+Kept fast: the fixture calibrates on 8 of the boards the tool uses (the tool's default is 32) and the check
+runs on 4 further boards, at the tool's INT8 tolerances (tools.engine.int8: scores within 0.05 + 5 %, boxes
+within 32 px + 5 %, a 1e-4 share of single-anchor outliers, detections IoU >= 0.8 and score drift <= 0.1).
 """
 from __future__ import annotations
 

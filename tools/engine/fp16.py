@@ -16,9 +16,9 @@ the graph's first Cast takes, as TensorRT requires of a uint8 input) and the flo
 
 Calibration uses real boards (DeepPCB images, ``tools.data.splits.agreement_boards``, preprocessed by the
 served ``preprocess_image``); a disjoint set of boards then checks the FP16 graph against FP32 with ONNX
-Runtime, raw outputs and detections, and the tool exits non-zero if they disagree. The output records its source model's SHA-256,
-the calibration boards and the AutoCast version in its metadata, so it can be reproduced and checked for
-staleness against ``model.onnx``.
+Runtime, raw outputs and detections, and the tool exits non-zero if they disagree. The output records its
+source model's SHA-256, the calibration boards and the AutoCast version in its metadata, so it can be
+reproduced and checked for staleness against ``model.onnx``.
 """
 from __future__ import annotations
 

@@ -7,9 +7,8 @@ node) with integer kernels: it fuses DQ -> Conv -> Q into one int8 convolution (
 The steps are ORT's recommended ones: ``quant_pre_process`` (symbolic shape inference and graph
 optimisation), then ``quantize_static`` with activation ranges calibrated on real boards (MinMax over
 DeepPCB images, ``agreement_boards``, with and without their templates, preprocessed by the served
-``preprocess_as_served``), and one exact clean-up: Shape
-nodes read the int8 tensors instead of dequantised copies (``read_shapes_from_quantized``). Activations are uint8
-(asymmetric: the SiLU outputs are mostly positive), weights int8 per tensor; ``--per-channel`` quantises the
+``preprocess_as_served``), and one exact clean-up: Shape nodes read the int8 tensors instead of dequantised
+copies (``read_shapes_from_quantized``). Activations are uint8 (asymmetric: the SiLU outputs are mostly positive), weights int8 per tensor; ``--per-channel`` quantises the
 weights per output channel instead, which measured no better on this detector (DeepPCB AP 98.50 vs 98.51 %
 on the 150 validation boards, and larger outliers against FP32).
 

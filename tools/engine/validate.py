@@ -2,11 +2,12 @@
 
     python -m tools.engine.validate            # models/pcb_defect_detector/1/model.plan vs model.onnx
 
-The engine runs through polygraphy's TrtRunner on the GPU, the reference through ONNX Runtime on the CPU,
-both on the same DeepPCB boards (``tools.data.splits.agreement_boards``) preprocessed by the served ``preprocess_image``. The comparison is
-``tools.engine.agreement``, the same checks that gate the FP16 ONNX model on CPU: no NaN/Inf, raw outputs
-within tolerance, and the served postprocess giving the same detections (class, box IoU, score drift).
-Like ``tools.engine.build`` it needs a GPU and TensorRT: run it in the engine-builder image (docs/gpu.md).
+The engine runs through polygraphy's TrtRunner on the GPU, the reference through ONNX Runtime on the CPU, both
+on the same DeepPCB boards (``tools.data.splits.agreement_boards``) preprocessed by the served
+``preprocess_image``. The comparison is ``tools.engine.agreement``, the same checks that gate the FP16 ONNX
+model on CPU: no NaN/Inf, raw outputs within tolerance, and the served postprocess giving the same detections
+(class, box IoU, score drift). Like ``tools.engine.build`` it needs a GPU and TensorRT: run it in the
+engine-builder image (docs/gpu.md).
 """
 from __future__ import annotations
 

@@ -15,8 +15,9 @@ from tools.contract import served_contract
 @contextlib.contextmanager
 def repository_with_detector(models_root: Path, detector_dir: Path | None) -> Iterator[Path]:
     """``models_root`` itself without ``detector_dir``; else, for the duration, a copy of it whose detector
-    version folder holds ``detector_dir``'s ``*.onnx`` files instead of its own (none of its own is left, so a
-    file the configs serve that ``detector_dir`` lacks fails the load by name, rather than serving the old one)."""
+    version folder holds ``detector_dir``'s ``*.onnx`` files instead of its own. None of its own is left, nor its
+    TensorRT engine, so a file the configs serve that ``detector_dir`` lacks fails the load by name rather than
+    serving the old detector."""
     if detector_dir is None:
         yield Path(models_root)
         return
