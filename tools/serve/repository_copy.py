@@ -24,12 +24,16 @@ def repository_with_detector(models_root: Path, detector_dir: Path | None) -> It
     detector_files = sorted(Path(detector_dir).glob("*.onnx"))
     if not detector_files:
         raise SystemExit(f"{detector_dir} holds no ONNX detector (*.onnx)")
-    version_dir = served_contract(models_root=Path(models_root)).detector_version_dir.relative_to(models_root)
+    version_dir = served_contract(models_root=Path(models_root)).detector_version_dir
+
+    def left_out(directory: str, names: list[str]) -> set[str]:
+        own_detector = Path(directory) == version_dir
+        return {name for name in names if name == "__pycache__" or name.endswith(".plan")
+                or (own_detector and name.endswith(".onnx"))}
+
     with tempfile.TemporaryDirectory(prefix="pcb_repository_") as scratch:
         copy = Path(scratch) / Path(models_root).name
-        shutil.copytree(models_root, copy, ignore=shutil.ignore_patterns("__pycache__", "*.plan"))
-        for own_file in (copy / version_dir).glob("*.onnx"):
-            own_file.unlink()
+        shutil.copytree(models_root, copy, ignore=left_out)
         for detector_file in detector_files:
-            shutil.copyfile(detector_file, copy / version_dir / detector_file.name)
+            shutil.copyfile(detector_file, copy / version_dir.relative_to(models_root) / detector_file.name)
         yield copy
