@@ -88,6 +88,25 @@ def test_flip_rotate_keeps_boxes_on_the_same_pixels():
         assert out[y1:y2, x1:x2].min() == 255 and out.sum() == image.sum()
 
 
+def test_rescale_keeps_boxes_on_the_same_pixels_and_never_goes_below_the_crop():
+    rng = np.random.default_rng(4)
+    image = np.zeros((64, 64, 2), np.uint8)
+    image[16:32, 24:48] = 255
+    boxes = np.array([[24, 16, 48, 32]], np.float32)
+    factors = set()
+    for _ in range(16):
+        out, out_boxes = train_detector.rescale(image, boxes, 0.5, 48, rng)
+        assert out.ndim == 3 and out.shape[2] == 2 and min(out.shape[:2]) >= 48
+        x1, y1, x2, y2 = np.round(out_boxes[0]).astype(int)
+        assert out[y1 + 1 : y2 - 1, x1 + 1 : x2 - 1].min() == 255  # the box still covers the scaled square
+        assert out[: max(y1 - 1, 0)].max() == 0 and out[:, x2 + 1 :].max() == 0  # and nothing lies outside it
+        factors.add(out.shape[0])
+    assert len(factors) > 4  # the factor is random
+    assert train_detector.rescale(image[:, :, :1], boxes, 0.5, 48, rng)[0].shape[2] == 1
+    same, same_boxes = train_detector.rescale(image, boxes, 0.0, 48, rng)
+    assert same is image and same_boxes is boxes
+
+
 def test_exported_boxes_are_centre_size_in_pixels():
     model = PcbDefectDetector(num_classes=CONTRACT.num_classes).eval()
     with torch.no_grad():

@@ -7,6 +7,7 @@
 
 Recipe: random square crops of the 640x640 boards (the network is fully convolutional and is served on the
 whole board), flips and 90-degree rotations (board artwork is Manhattan/45-degree, so these preserve labels),
+with ``--scale-jitter`` a random rescale of board and template together first (designs differ in feature size),
 defect-free template crops as extra negatives, AdamW with a one-cycle schedule, an EMA of the weights,
 FCOS-style centre sampling on the stride-8 grid, a GIoU box loss and an IoU-aware focal class loss (the class
 score learns the box quality, which ranks detections well for AP and for NMS).
@@ -31,6 +32,7 @@ import json
 import random
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -59,6 +61,21 @@ def random_crop(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, size:
     area = lambda b: (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)  # noqa: E731
     keep = area(clipped) >= MIN_VISIBLE_FRACTION * area(shifted)
     return crop, clipped[keep], classes[keep]
+
+
+def rescale(image: np.ndarray, boxes: np.ndarray, jitter: float, min_size: int, rng: np.random.Generator):
+    """The (H, W, C) image and its boxes scaled by a random factor in [1/(1+jitter), 1+jitter] (log-uniform), never
+    below ``min_size`` pixels a side: board designs differ in feature size (trace widths, pads), so a detector
+    that has seen its designs at other scales generalises to new ones."""
+    if jitter <= 0:
+        return image, boxes
+    height, width = image.shape[:2]
+    factor = max(float(np.exp(rng.uniform(-np.log1p(jitter), np.log1p(jitter)))), min_size / min(height, width))
+    size = (max(round(width * factor), min_size), max(round(height * factor), min_size))
+    scaled = cv2.resize(image, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    scaled = scaled.reshape(size[1], size[0], image.shape[2])  # cv2 drops a single channel axis
+    scale = np.array([size[0] / width, size[1] / height] * 2, np.float32)
+    return scaled, boxes * scale
 
 
 def flip_rotate(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator):
@@ -118,7 +135,8 @@ class CropSampler:
 
     def __init__(self, samples: list[Sample], crop: int, template_fraction: float, seed: int,
                  template_dropout: float = 0.0, misregister_shift: float = 0.0, misregister_angle: float = 0.0,
-                 designed_defects: float = 0.0, template_warp: float = 0.0, bend_templates: bool = False):
+                 designed_defects: float = 0.0, template_warp: float = 0.0, bend_templates: bool = False,
+                 scale_jitter: float = 0.0):
         self.samples = samples
         self.images = [read_grey(s.image_path) for s in tqdm(samples, desc="loading boards", leave=False)]
         self.templates = [read_grey(s.template_path) if s.template_path.exists() else None for s in samples]
@@ -128,6 +146,7 @@ class CropSampler:
         self.misregister_shift, self.misregister_angle = misregister_shift, misregister_angle
         self.designed_defects = designed_defects
         self.template_warp = template_warp
+        self.scale_jitter = scale_jitter
         # The served registration; its local bend only with bend_templates.
         served = registration_settings()
         self.settings = served if bend_templates else dataclasses.replace(served, local_max_shift=0.0)
@@ -168,6 +187,7 @@ class CropSampler:
             registered, labelled = self.registered_template(image, template, boxes)
             pixels = detector_pixels(image, registered)
             boxes, classes = boxes[labelled], classes[labelled]
+            pixels, boxes = rescale(pixels, boxes, self.scale_jitter, self.crop, self.rng)
             crop, boxes, classes = random_crop(pixels, boxes, classes, self.crop, self.rng)
             crop, boxes = flip_rotate(crop, boxes, self.rng)
             images.append(crop)
@@ -272,7 +292,7 @@ def train(args: argparse.Namespace) -> Path:
     split_json = split_record(split, Path(args.data) / args.list)
     sampler = CropSampler(train_samples, args.crop, args.template_fraction, args.seed, args.template_dropout,
                           args.misregister_shift, args.misregister_angle, args.designed_defects,
-                          args.template_warp, args.bend_templates)
+                          args.template_warp, args.bend_templates, args.scale_jitter)
 
     model = PcbDefectDetector(num_classes=len(CLASS_NAMES), in_channels=served_contract().channels)
     ema = AveragedModel(model, avg_fn=ramped_ema(args.ema_decay), use_buffers=True)
@@ -366,6 +386,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="register with the served local bend too (registration_local_max_shift)")
     parser.add_argument("--designed-defects", type=float, default=0.25,
                         help="share of the defects copied into their (kept) template, unlabelled: designed artwork")
+    parser.add_argument("--scale-jitter", type=float, default=0.0,
+                        help="boards (and templates) scaled by a random factor up to 1+J either way before cropping")
     parser.add_argument("--val-every", type=int, default=6, help="epochs between validation losses")
     parser.add_argument("--seed", type=int, default=0, help="seeds the crops, augmentation and initial weights")
     parser.add_argument("--limit", type=int, default=0, help="use only N samples, taken from each group in turn (smoke runs)")
