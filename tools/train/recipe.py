@@ -71,7 +71,7 @@ def rescale(image: np.ndarray, boxes: np.ndarray, jitter: float, min_size: int, 
         return image, boxes
     height, width = image.shape[:2]
     factor = max(float(np.exp(rng.uniform(-np.log1p(jitter), np.log1p(jitter)))), min_size / min(height, width))
-    size = (max(round(width * factor), min_size), max(round(height * factor), min_size))
+    size = (round(width * factor), round(height * factor))  # the factor keeps both sides >= min_size
     scaled = cv2.resize(image, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
     scaled = scaled.reshape(size[1], size[0], image.shape[2])  # cv2 drops a single channel axis
     scale = np.array([size[0] / width, size[1] / height] * 2, np.float32)
