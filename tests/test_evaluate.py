@@ -100,6 +100,8 @@ def test_write_report_on_a_hand_computed_case(tmp_path):
     assert cv2.imread(str(out / "precision_recall.png")) is not None
     text = (out / "report.md").read_text()
     assert "| DeepPCB AP (IoU > 0.33, uninterpolated, pooled) | 91.67 % |" in text
+    # No detection has the wrong class here, so regardless of class the figures are the same.
+    assert "| regardless of class (where the defects are): DeepPCB AP / F-score | 91.67 % / 66.67 % |" in text
     assert "a_test.jpg`: 1 missed (short), 1 false alarms (spur)." in text
     assert "![a_test](examples/a_test.png)" in text
 

@@ -181,6 +181,21 @@ def test_summarize_reports_the_hand_computed_figures():
     assert summary["per_class"]["spur"]["voc_ap50"] is None and summary["per_class"]["spur"]["deeppcb_ap"] is None
 
 
+def test_regardless_of_class_a_wrong_class_at_the_right_place_counts_but_a_second_box_there_does_not():
+    # One open defect; detections: short 0.9 on it, open 0.8 on it, pin-hole 0.6 elsewhere.
+    # With classes: 0.9 FP, 0.8 TP, 0.6 FP -> AP = (1/2) / 1. Regardless of class: 0.9 TP, 0.8 FP (the defect is
+    # taken), 0.6 FP -> AP = 1 / 1; at 0.7: 1 TP / 1 FP / 0 misses, F = 2/3.
+    summary = summarize([truth([[0, 0, 10, 10]], [0])],
+                        [prediction([[0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]], [0.9, 0.8, 0.6], [1, 0, 5])],
+                        0.7, CLASS_NAMES)
+    assert summary["deeppcb"]["ap"] == pytest.approx(0.5)
+    located = summary["deeppcb_regardless_of_class"]
+    assert located["ap"] == pytest.approx(1.0)
+    at = located["at_threshold"]
+    assert (at["true_positives"], at["false_positives"], at["false_negatives"]) == (1, 1, 0)
+    assert at["f_score"] == pytest.approx(2 / 3)
+
+
 def test_mismatched_lengths_and_unknown_rule_are_refused():
     with pytest.raises(ValueError, match="2 ground truths but 1 predictions"):
         rank_detections(POOLED_TRUTHS, POOLED_PREDICTIONS[:1], "voc", 0.5, 6)

@@ -27,6 +27,7 @@ Inputs are duck-typed so datasets and the gRPC client plug straight in: a ground
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Literal, Sequence
 
 import numpy as np
@@ -228,6 +229,13 @@ def operating_point(ranked: RankedDetections, score_threshold, class_id: int | N
 THRESHOLD_SWEEP = np.round(np.arange(0.30, 0.851, 0.05), 2)
 
 
+def without_classes(items: Sequence) -> list:
+    """Copies of ground truths or predictions with every class made 0: the DeepPCB rule then asks only where the
+    defects are (a detection of another class at the same place, or a second one there, stays a false alarm)."""
+    return [SimpleNamespace(boxes=item.boxes, scores=getattr(item, "scores", None),
+                            classes=np.zeros(len(item.classes), np.int64)) for item in items]
+
+
 def summarize(
     ground_truths: Sequence,
     predictions: Sequence,
@@ -238,6 +246,8 @@ def summarize(
     F-score is taken at ``score_threshold``: one, or one per image (``operating_point``)."""
     deeppcb = rank_detections(ground_truths, predictions, "file_order", DEEPPCB_IOU_THRESHOLD, len(class_names))
     voc = rank_detections(ground_truths, predictions, "voc", VOC_IOU_THRESHOLD, len(class_names))
+    located = rank_detections(without_classes(ground_truths), without_classes(predictions), "file_order",
+                              DEEPPCB_IOU_THRESHOLD, len(class_names))
     classes_with_gt = [c for c in range(len(class_names)) if voc.gt_per_class[c]]
     voc_ap = {class_names[c]: average_precision_all_point(voc, c) for c in range(len(class_names))}
     per_class = {  # AP of a class without defects is undefined: None (JSON null), not a made-up 0
@@ -260,6 +270,11 @@ def summarize(
             "at_threshold": asdict(operating_point(deeppcb, score_threshold)),
             # To choose the deployed threshold on validation data: the F-score around it.
             "f_by_threshold": {f"{t:.2f}": operating_point(deeppcb, t).f_score for t in THRESHOLD_SWEEP},
+        },
+        # How much of what is lost is the class alone (open vs mousebite, short vs spur on new designs).
+        "deeppcb_regardless_of_class": {
+            "ap": average_precision_uninterpolated(located),
+            "at_threshold": asdict(operating_point(located, score_threshold)),
         },
         "voc": {
             "iou_threshold": VOC_IOU_THRESHOLD,
