@@ -19,7 +19,7 @@ from tools.pipeline_math import tiling
 from tools.serve.repository_copy import repository_with_detector
 
 CLASS_NAMES = served_contract().labels
-OPEN, SHORT, SPUR, COPPER = (CLASS_NAMES.index(n) for n in ("open", "short", "spur", "copper"))
+OPEN, SHORT, MOUSEBITE, SPUR, COPPER = (CLASS_NAMES.index(n) for n in ("open", "short", "mousebite", "spur", "copper"))
 
 
 def board(tmp_path: Path, name: str, boxes, classes) -> Sample:
@@ -104,6 +104,25 @@ def test_write_report_on_a_hand_computed_case(tmp_path):
     assert "| regardless of class (where the defects are): DeepPCB AP / F-score | 91.67 % / 66.67 % |" in text
     assert "a_test.jpg`: 1 missed (short), 1 false alarms (spur)." in text
     assert "![a_test](examples/a_test.png)" in text
+
+
+def test_the_report_gives_each_design_its_own_figures(tmp_path):
+    # Design A: an open found as a mousebite (0.9). Design B: a short found (0.8). At 0.5, A: 0 / 1 / 1 and AP 0,
+    # but regardless of class A is found (AP 1, F 1); B: 1 / 0 / 0 either way.
+    for group in ("groupA", "groupB"):
+        (tmp_path / group / "boards").mkdir(parents=True)
+    a = board(tmp_path / "groupA" / "boards", "a", [[10, 10, 30, 30]], [OPEN])
+    b = board(tmp_path / "groupB" / "boards", "b", [[40, 40, 60, 60]], [SHORT])
+    found = [detections([[10, 10, 30, 30]], [0.9], [MOUSEBITE]), detections([[40, 40, 60, 60]], [0.8], [SHORT])]
+    report = write_report([a, b], found, setup(0.5), CLASS_NAMES, tmp_path / "out")
+    design_a, design_b = report["per_design"]["groupA"], report["per_design"]["groupB"]
+    assert design_a["deeppcb"]["ap"] == 0.0 and design_a["deeppcb_regardless_of_class"]["ap"] == pytest.approx(1.0)
+    at = design_a["deeppcb"]["at_threshold"]
+    assert (at["true_positives"], at["false_positives"], at["false_negatives"]) == (0, 1, 1)
+    assert design_b["deeppcb"]["at_threshold"]["f_score"] == pytest.approx(1.0)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| groupA | 1 | 1 | 0.00 % | 0.00 % | 0 / 1 / 1 | 100.00 % / 100.00 % |" in text
+    assert "| groupB | 1 | 1 | 100.00 % | 100.00 % | 1 / 0 / 0 | 100.00 % / 100.00 % |" in text
 
 
 def test_write_report_refuses_mismatched_inputs(tmp_path):

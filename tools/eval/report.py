@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from tools.data.deeppcb import Sample
+from tools.data.splits import sample_group
 from tools.detections import Detections
 from tools.eval.metrics import match_in_file_order, summarize
 from tools.eval.pictures import draw_example, plot_precision_recall
@@ -175,6 +176,38 @@ def split_description(setup: dict) -> str:
     return f" (val fraction {setup['val_fraction']}, seed {setup['split_seed']})"
 
 
+def per_design(samples: Sequence[Sample], ranked: Sequence[Detections], score_thresholds: Sequence[float],
+               class_names: Sequence[str]) -> dict:
+    """The headline figures of each group (board design), where the boards come from more than one: new designs
+    differ far more from each other than boards of one design do."""
+    boards = collections.defaultdict(list)
+    for index, sample in enumerate(samples):
+        boards[sample_group(sample)].append(index)
+    if len(boards) < 2:
+        return {}
+    figures = {}
+    for group, indices in sorted(boards.items()):
+        summary = summarize([samples[i] for i in indices], [ranked[i] for i in indices],
+                            [score_thresholds[i] for i in indices], class_names)
+        figures[group] = {"images": summary["images"], "ground_truths": summary["ground_truths"],
+                          "deeppcb": {key: summary["deeppcb"][key] for key in ("ap", "at_threshold")},
+                          "deeppcb_regardless_of_class": summary["deeppcb_regardless_of_class"]}
+    return figures
+
+
+def per_design_lines(figures: dict) -> list[str]:
+    lines = ["## Per design (DeepPCB group)", "",
+             "| group | boards | defects | DeepPCB AP | F-score | true / false alarms / misses "
+             "| regardless of class: AP / F-score |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for group, row in figures.items():
+        at, located = row["deeppcb"]["at_threshold"], row["deeppcb_regardless_of_class"]
+        lines.append(f"| {group} | {row['images']} | {row['ground_truths']} | {percent(row['deeppcb']['ap'])} "
+                     f"| {percent(at['f_score'])} | {at['true_positives']} / {at['false_positives']} / "
+                     f"{at['false_negatives']} | {percent(located['ap'])} / "
+                     f"{percent(located['at_threshold']['f_score'])} |")
+    return lines
+
+
 def markdown_report(report: dict, examples: list[dict]) -> str:
     summary, setup = report["metrics"], report["setup"]
     deeppcb, at = summary["deeppcb"], summary["deeppcb"]["at_threshold"]
@@ -227,6 +260,8 @@ def markdown_report(report: dict, examples: list[dict]) -> str:
             percent(c["f_score"] if has_defects else None),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if report.get("per_design"):
+        lines += ["", *per_design_lines(report["per_design"])]
     if report.get("registration") is not None:
         lines += ["", *registration_lines(report["registration"])]
     lines += ["", "![precision-recall curves](precision_recall.png)", "", "## Examples of misses and false alarms", ""]
@@ -285,7 +320,8 @@ def write_report(
         score_thresholds = [setup.deployed_score_threshold] * len(samples)
     ranked = [d.ranked() for d in detections]
     metrics = summarize(samples, ranked, score_thresholds, class_names)
-    report = {"setup": asdict(setup), "metrics": metrics, "method": METHOD}
+    report = {"setup": asdict(setup), "metrics": metrics, "method": METHOD,
+              "per_design": per_design(samples, ranked, score_thresholds, class_names)}
     if registration is not None:
         report["registration"] = registration
     plot_precision_recall(samples, ranked, score_thresholds, class_names, out / "precision_recall.png")
